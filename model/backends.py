@@ -1,0 +1,67 @@
+"""The three implementations of the model's ops, chosen by GPTConfig.backend.
+
+Each backend is a namespace of three functions whose leading positional arguments are those of
+the Triton ops (the model passes only these, positionally):
+  attention(q, k, v, dropout_p)              q, k, v (B, T, H, D) -> (B, T, H, D), causal
+  layer_norm(x, weight, bias, eps)           -> y
+  add_layer_norm(x, residual, weight, bias, eps, dropout_p) -> (y, s), s = residual + dropout(x)
+
+- reference: the seed's math op for op (kernels.reference), the ground truth.
+- torch: what a PyTorch user would write instead: F.scaled_dot_product_attention, F.layer_norm.
+- triton: our fused kernels (kernels.flash_attention, kernels.layer_norm, kernels.add_layer_norm).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch.nn.functional as F
+
+from kernels import reference
+
+BACKENDS = ("reference", "torch", "triton")
+
+
+def _torch_attention(q, k, v, dropout_p=0.0):
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    out = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=dropout_p, is_causal=True)  # (B, H, T, D)
+    return out.transpose(1, 2)  # (B, T, H, D)
+
+
+def _torch_layer_norm(x, weight, bias, eps=1e-5):
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def _torch_add_layer_norm(x, residual, weight, bias, eps=1e-5, dropout_p=0.0):
+    s = residual + F.dropout(x, dropout_p, training=dropout_p > 0.0)
+    return _torch_layer_norm(s, weight, bias, eps), s
+
+
+def backend_ops(backend: str) -> SimpleNamespace:
+    """The op namespace for `backend`; ValueError for an unknown one, ImportError without Triton."""
+    if backend == "reference":
+        return SimpleNamespace(
+            attention=reference.attention,
+            layer_norm=reference.layer_norm,
+            add_layer_norm=reference.add_layer_norm,
+        )
+    if backend == "torch":
+        return SimpleNamespace(
+            attention=_torch_attention, layer_norm=_torch_layer_norm, add_layer_norm=_torch_add_layer_norm
+        )
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "backend 'triton' needs the triton package (Linux only); "
+                "use backend 'torch' or 'reference' instead"
+            ) from None
+        import kernels
+
+        return SimpleNamespace(
+            attention=kernels.flash_attention,
+            layer_norm=kernels.layer_norm,
+            add_layer_norm=kernels.add_layer_norm,
+        )
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
