@@ -1,9 +1,13 @@
-"""Train the seed's character GPT on tiny Shakespeare.
+"""Train the seed's character GPT on tiny Shakespeare, resume it, or sample from a checkpoint.
 
-    python train.py > output.txt
+    python train.py > output.txt                      # the seed's run
+    python train.py --resume model.pth --max-iters 8000
+    python train.py --sample-from model.pth --prompt "ROMEO:"
+    torchrun --nproc_per_node 2 train.py ...          # data-parallel
 
 Standard output carries the seed's lines (the parameter count, a loss line at every evaluation,
-the sample); progress and timings go to standard error. Run `python train.py --help` for the flags.
+the sample); progress, notes and timings go to standard error. `python train.py --help` explains
+every flag.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -23,10 +28,28 @@ from model.backends import BACKENDS
 from model.data import DEFAULT_DATA_PATH, CharTokenizer, DataError, get_batch, load_text, train_val_split
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_FLAGS = ("n_embd", "n_head", "n_layer", "block_size", "dropout")
+# The training loop's flags and the seed's values for them.
+LOOP_DEFAULTS = {"batch_size": 64, "grad_accum": 1, "max_iters": 5000, "learning_rate": 3e-4,
+                 "eval_interval": 500, "eval_iters": 200, "seed": 0}
+CHECKPOINT_KEYS = {"model", "optimizer", "config", "vocab", "iter", "best_val_loss"}
+
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
+# Most specific first. MFU is reported against these whatever the run's dtype.
+GPU_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12),
+    ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),
+    ("T4", 65e12),
+)
 
 
 class UsageError(Exception):
-    """A flag or input the run cannot use; printed as one line, exit status 2."""
+    """A flag, file or input the run cannot use; printed as one line, exit status 2."""
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (a non-finite loss); printed as one line, exit status 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,103 +62,196 @@ def build_parser() -> argparse.ArgumentParser:
     d = GPTConfig()
     p = _Parser(
         prog="train.py",
-        description="Train the seed's character-level GPT on tiny Shakespeare, print its losses and "
-        "a sample, and save a checkpoint. Defaults are the seed's hyperparameters.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train the seed's character-level GPT on tiny Shakespeare, print its losses and a "
+        "sample, and save checkpoints; or resume a run; or sample from a checkpoint. Defaults are the "
+        "seed's hyperparameters.",
+        epilog="Values in [brackets] are the defaults.",
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--n-embd", type=int, default=d.n_embd, help="width C of the residual stream")
-    g.add_argument("--n-head", type=int, default=d.n_head, help="attention heads (must divide --n-embd)")
-    g.add_argument("--n-layer", type=int, default=d.n_layer, help="transformer blocks")
-    g.add_argument("--block-size", type=int, default=d.block_size, help="context length in characters")
-    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability, in [0, 1)")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=64, help="sequences per training step")
-    g.add_argument("--max-iters", type=int, default=5000, help="training steps")
-    g.add_argument("--learning-rate", type=float, default=3e-4, help="AdamW learning rate")
-    g.add_argument("--eval-interval", type=int, default=500,
-                   help="evaluate every this many steps (and at the last step)")
-    g.add_argument("--eval-iters", type=int, default=200, help="batches per split in each evaluation")
-    g.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the run")
+    # Model flags default to None so that --resume can tell what was given; None means the seed's value.
+    g = p.add_argument_group("model (fixed by the checkpoint when resuming)")
+    g.add_argument("--n-embd", type=int, help=f"width C of the residual stream [{d.n_embd}]")
+    g.add_argument("--n-head", type=int, help=f"attention heads, must divide --n-embd [{d.n_head}]")
+    g.add_argument("--n-layer", type=int, help=f"transformer blocks [{d.n_layer}]")
+    g.add_argument("--block-size", type=int, help=f"context length in characters [{d.block_size}]")
+    g.add_argument("--dropout", type=float, help=f"dropout probability, in [0, 1) [{d.dropout}]")
+    g = p.add_argument_group("training (a resumed run keeps its own values unless given)")
+    g.add_argument("--batch-size", type=int, help="sequences per optimizer step, over all ranks [64]")
+    g.add_argument("--grad-accum", type=int,
+                   help="micro-batches per optimizer step on each rank; must divide the batch per rank [1]")
+    g.add_argument("--max-iters", type=int, help="optimizer steps in all; a resumed run counts on [5000]")
+    g.add_argument("--learning-rate", type=float, help="AdamW learning rate [3e-4]")
+    g.add_argument("--eval-interval", type=int,
+                   help="evaluate and checkpoint every this many steps, and at the last step [500]")
+    g.add_argument("--eval-iters", type=int, help="batches per split in each evaluation [200]")
+    g.add_argument("--seed", type=int, help="torch.manual_seed for the run [0]")
     g.add_argument("--log-interval", type=int, default=100,
-                   help="steps between progress lines on standard error (0: none)")
+                   help="steps between progress lines on standard error, 0 for none [100]")
+    g.add_argument("--resume", type=Path, metavar="PATH",
+                   help="continue the run saved at PATH: model, optimizer, step, best val loss, random state")
     g = p.add_argument_group("execution")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to run; auto picks cuda when a GPU is available")
+                   help="where to run; auto picks cuda when a GPU is available [auto]")
     g.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="ops implementation: reference (the seed's math), torch (SDPA, F.layer_norm) or "
-                   "triton (our kernels); default: triton on a GPU, reference on the CPU")
+                   help="ops: reference (the seed's math), torch (SDPA, F.layer_norm) or triton (our "
+                   "kernels); default: triton on a GPU, reference on the CPU")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="compute dtype; bfloat16/float16 run under autocast with float32 weights; "
                    "default: bfloat16 on a GPU, float32 on the CPU")
+    g.add_argument("--compile", action="store_true", help="run the model under torch.compile")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the training step and the evaluation forward in CUDA graphs; "
+                   "default: on where possible (a GPU, one process, not float16)")
     g = p.add_argument_group("input and output")
     g.add_argument("--data", type=Path, default=None,
-                   help=f"UTF-8 training text; default {DEFAULT_DATA_PATH}, downloaded when missing")
-    g.add_argument("--out", type=Path, default=Path("model.pth"), help="checkpoint written at the end")
-    g.add_argument("--sample-tokens", type=int, default=500, help="characters sampled at the end")
+                   help=f"UTF-8 training text [{DEFAULT_DATA_PATH}, downloaded when missing]")
+    g.add_argument("--out", type=Path, default=Path("model.pth"),
+                   help="checkpoint, written at every evaluation and at the end; the best-val one goes "
+                   "beside it with .best before the suffix [model.pth]")
+    g.add_argument("--plot", type=Path, metavar="PATH", help="write the loss curves as a PNG at each evaluation")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample-tokens", type=int, default=500, help="characters sampled at the end [500]")
+    g.add_argument("--sample-from", type=Path, metavar="PATH",
+                   help="only print a sample from the checkpoint at PATH and exit")
+    g.add_argument("--prompt", default="", help="text the sample continues, with --sample-from [none]")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 [1.0]")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest characters only [all]")
     return p
 
 
-def _check_args(args) -> None:
-    positive = ("batch_size", "block_size", "eval_interval", "eval_iters", "n_embd", "n_head", "n_layer")
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+# ----------------------------------------------------------------------------- checks and set-up
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_args(args, world_size: int) -> None:
+    """Every flag checked before any work starts; flags still None (not given) are skipped."""
+    for name in ("batch_size", "eval_interval", "eval_iters", "grad_accum", *MODEL_FLAGS[:4]):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"{_flag(name)} must be a positive integer, got {value}")
     for name in ("max_iters", "sample_tokens", "log_interval"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.n_embd % args.n_head:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UsageError(f"{_flag(name)} must be >= 0, got {value}")
+    if args.n_embd is not None and args.n_head is not None and args.n_embd % args.n_head:
         raise UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-    if not 0.0 <= args.dropout < 1.0:
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
-        raise UsageError(f"--learning-rate must be a positive number, got {args.learning_rate}")
-    if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
-    out_dir = args.out.resolve().parent
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {args.out}: folder {out_dir} does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise UsageError(f"--out {args.out}: folder {out_dir} is not writable")
-    if args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a folder; give a file path")
+    lr = args.learning_rate
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise UsageError(f"--learning-rate must be a positive number, got {lr}")
+    if args.seed is not None and not 0 <= args.seed < 2**62:
+        raise UsageError(f"--seed must be in [0, 2**62), got {args.seed}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k <= 0:
+        raise UsageError(f"--top-k must be a positive integer, got {args.top_k}")
+    if args.batch_size is not None and args.grad_accum is not None:
+        per_rank, rem = divmod(args.batch_size, world_size)
+        if rem or per_rank % args.grad_accum:
+            raise UsageError(
+                f"--grad-accum {args.grad_accum} does not divide --batch-size {args.batch_size} over "
+                f"{world_size} rank(s): the batch must be a multiple of ranks x grad-accum "
+                f"({world_size * args.grad_accum})"
+            )
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None:
+            _check_writable(flag, path)
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib (or the project's [plot] extra)") from None
 
 
-def _resolve_execution(args):
-    """(device, backend, dtype) from the flags and the machine."""
+def _fill_defaults(args, ckpt) -> None:
+    """Model flags: the checkpoint's when resuming (a different value given is refused), else the
+    seed's. Loop flags: as given, else the checkpoint's, else the seed's."""
+    config_defaults = GPTConfig()
+    for name in MODEL_FLAGS:
+        given = getattr(args, name)
+        if ckpt is None:
+            if given is None:
+                setattr(args, name, getattr(config_defaults, name))
+            continue
+        saved = ckpt["config"].get(name)
+        if given is not None and given != saved:
+            raise UsageError(f"{_flag(name)} {given} differs from the checkpoint's {saved}: a resumed run "
+                             "keeps its model; drop the flag")
+        setattr(args, name, saved)
+    saved_loop = ckpt.get("loop", {}) if ckpt else {}
+    for name, default in LOOP_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, saved_loop.get(name, default))
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    folder = path.resolve().parent
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file path")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: folder {folder} is not writable")
+
+
+def _resolve_device(args, local_rank: int = 0) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available; use --device cpu")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    if args.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def _resolve_backend_dtype(args, device, head_dim: int):
     on_gpu = device.type == "cuda"
     backend = args.backend or ("triton" if on_gpu else "reference")
     dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
-    if backend == "triton" and not on_gpu:
-        if dtype == torch.bfloat16:
-            raise UsageError("--backend triton on the CPU runs in Triton's interpreter, whose bfloat16 "
-                             "dot products are wrong (a Triton bug); use --dtype float32")
-        # The interpreter must be chosen before triton is first imported (the model imports it).
-        if "triton" not in sys.modules:
-            os.environ["TRITON_INTERPRET"] = "1"
-        print("note: no GPU, so the triton backend runs in Triton's interpreter (slow)", file=sys.stderr)
-    return device, backend, dtype
+    if backend == "triton":
+        if not on_gpu:
+            if dtype == torch.bfloat16:
+                raise UsageError("--backend triton on the CPU runs in Triton's interpreter, whose bfloat16 "
+                                 "dot products are wrong (a Triton bug); use --dtype float32")
+            # The interpreter must be chosen before triton is first imported (kernels import it).
+            if "triton" not in sys.modules:
+                os.environ["TRITON_INTERPRET"] = "1"
+            _note("no GPU, so the triton backend runs in Triton's interpreter (slow)")
+        try:
+            from kernels.attention import MAX_HEAD_DIM
+        except ImportError:
+            raise UsageError("--backend triton needs the triton package (Linux only); "
+                             "use --backend torch or reference") from None
+        if head_dim > MAX_HEAD_DIM:
+            raise UsageError(f"--backend triton supports head dims up to {MAX_HEAD_DIM}; --n-embd / --n-head "
+                             f"= {head_dim}: use more heads, or --backend torch or reference")
+    return backend, dtype
 
 
-def _load_data(args, device):
-    text = load_text(args.data or DEFAULT_DATA_PATH, download_if_missing=args.data is None)
-    tokenizer = CharTokenizer.from_text(text)
-    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
+def _load_data(path, block_size, device, vocab=None):
+    text = load_text(path or DEFAULT_DATA_PATH, download_if_missing=path is None)
+    tokenizer = CharTokenizer.from_text(text) if vocab is None else CharTokenizer(vocab)
+    try:
+        data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    except ValueError as e:
+        raise UsageError(f"the data does not fit the checkpoint's vocabulary: {e}") from None
     train_data, val_data = train_val_split(data)
     shortest = min(len(train_data), len(val_data))
-    if shortest <= args.block_size:
+    if shortest <= block_size:
         raise UsageError(
-            f"the data ({len(data)} characters) is too short for --block-size {args.block_size}: each split "
-            f"needs more than {args.block_size} characters (the smaller has {shortest})"
+            f"the data ({len(data)} characters) is too short for --block-size {block_size}: each split "
+            f"needs more than {block_size} characters (the smaller has {shortest})"
         )
     # Copies held on the device: batches are sampled there, with no per-step host work.
     return tokenizer, train_data.to(device), val_data.to(device)
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -145,113 +261,397 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def best_path(path: Path) -> Path:
+    """model.pth -> model.best.pth: where the best-val checkpoint goes."""
+    return path.with_name(f"{path.stem}.best{path.suffix}")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by this program, or a one-line UsageError saying what is wrong with it."""
+    if not path.exists():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged or foreign file
+        raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}); is it a torch checkpoint?") from None
+    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise UsageError(f"{path} is not a checkpoint of this program (missing {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def _model_from_checkpoint(ckpt, path, backend):
+    try:
+        config = GPTConfig(**{**ckpt["config"], "backend": backend})
+        model = GPT(config)
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"checkpoint {path} does not hold a model this program can build: {first}") from None
+    return model
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_from(args) -> int:
+    _check_args(args, world_size=1)
+    args.seed = LOOP_DEFAULTS["seed"] if args.seed is None else args.seed
+    ckpt = load_checkpoint(args.sample_from)
+    device = _resolve_device(args)
+    head_dim = ckpt["config"].get("n_embd", 0) // max(ckpt["config"].get("n_head", 1), 1)
+    backend, dtype = _resolve_backend_dtype(args, device, head_dim)
+    model = _model_from_checkpoint(ckpt, args.sample_from, backend).to(device).eval()
+    tokenizer = CharTokenizer(ckpt["vocab"])
+    try:
+        prompt = tokenizer.encode(args.prompt)
+    except ValueError as e:
+        raise UsageError(f"--prompt: {e}") from None
+    # No prompt: start from token 0 as the seed does (the newline in tiny Shakespeare).
+    context = torch.tensor([prompt or [0]], dtype=torch.long, device=device)  # (1, T)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    with autocast:
+        ids = model.generate(context, args.sample_tokens, args.temperature, args.top_k, generator)[0].tolist()
+    print(tokenizer.decode(ids), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _eval_seed(seed: int, step: int, split: int, k: int) -> int:
+    """Each evaluation batch has its own seed: evaluation never touches the training's random stream,
+    and its result does not depend on how many ranks share the batches."""
+    return (seed * 1_000_003 + step * 1009 + split) * 100_003 + k
+
+
+def _rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _mfu_peak(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
+
+
+def _flops_per_token(model, config):
+    """Training FLOPs per token: 6 per parameter plus attention's 12 * L * T * C (as nanoGPT counts)."""
+    return 6 * model.num_parameters() + 12 * config.n_layer * config.block_size * config.n_embd
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run(args) -> int:
+class _Interrupt:
+    """SIGINT sets a flag that the loop checks between steps; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+class _Plot:
+    def __init__(self, path: Path):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        self.path = path
+
+    def write(self, history):
+        import matplotlib.pyplot as plt
+
+        steps = [h[0] for h in history]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.plot(steps, [h[1] for h in history], marker="o", label="train")
+        ax.plot(steps, [h[2] for h in history], marker="o", label="val")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (mean over the evaluation batches)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.path.with_name(self.path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.path)
+
+
+def _distributed(args):
+    """(rank, world_size, local_rank), starting the process group under torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    backend = "nccl" if _resolve_device(args, local).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    return rank, world, local
+
+
+def train(args, rank: int, world: int, local_rank: int) -> int:
     t_start = time.perf_counter()
-    _check_args(args)
-    device, backend, dtype = _resolve_execution(args)
-    tokenizer, train_data, val_data = _load_data(args, device)
+    is_main = rank == 0
+    _check_args(args, world)
+    ckpt = load_checkpoint(args.resume) if args.resume is not None else None
+    _fill_defaults(args, ckpt)
+    _check_args(args, world)  # again, now that every value is known
+    device = _resolve_device(args, local_rank)
+    backend, dtype = _resolve_backend_dtype(args, device, args.n_embd // args.n_head)
+    tokenizer, train_data, val_data = _load_data(args.data, args.block_size, device,
+                                                 ckpt["vocab"] if ckpt else None)
 
     torch.manual_seed(args.seed)
-    config = GPTConfig(
-        vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_embd=args.n_embd,
-        n_head=args.n_head, n_layer=args.n_layer, dropout=args.dropout, backend=backend,
-    )
-    try:
-        model = GPT(config).to(device)
-    except ImportError as e:
-        raise UsageError(str(e)) from None
-    print(model.num_parameters() / 1e6, "M parameters", flush=True)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_embd=args.n_embd,
+                       n_head=args.n_head, n_layer=args.n_layer, dropout=args.dropout, backend=backend)
+    model = _model_from_checkpoint(ckpt, args.resume, backend) if ckpt else GPT(config)
+    model.to(device)
+    if is_main:
+        print(model.num_parameters() / 1e6, "M parameters", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+    start_iter, best_val, history = 0, float("inf"), []
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = args.learning_rate
+        start_iter, best_val, history = ckpt["iter"], ckpt["best_val_loss"], list(ckpt.get("history", []))
+        _set_rng_state(ckpt["rng"], device)
+    if world > 1:
+        # Each rank its own batches and dropout (DDP starts every rank from rank 0's weights). A resumed
+        # data-parallel run reseeds from the step, as one checkpoint holds only rank 0's random state.
+        torch.manual_seed(args.seed + 7919 * start_iter + rank)
+
+    raw_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # Evaluation draws its batches from its own generator, so it never moves the training's stream.
-    eval_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    micro_batch = args.batch_size // world // args.grad_accum
+    steps = _TrainSteps(model, raw_model, optimizer, scaler, autocast, train_data, val_data, micro_batch,
+                        args, device, rank, world, start_iter)
+    plot = _Plot(args.plot) if args.plot is not None and is_main else None
 
-    @torch.no_grad()
-    def estimate_loss():
-        model.eval()
-        out = {}
-        for split, data in (("train", train_data), ("val", val_data)):
-            losses = torch.zeros(args.eval_iters, device=device)
-            for k in range(args.eval_iters):
-                xb, yb = get_batch(data, args.batch_size, args.block_size, eval_gen)
-                with autocast:
-                    losses[k] = model(xb, yb)[1]
-            out[split] = losses.mean().item()
-        model.train()
-        return out
-
-    def checkpoint(it, best_val):
-        save_checkpoint(args.out, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
-            "vocab": tokenizer.chars, "iter": it, "best_val_loss": best_val,
+    def checkpoint(it, path=None):
+        if not is_main:
+            return
+        save_checkpoint(path or args.out, {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+            "vocab": tokenizer.chars, "iter": it, "best_val_loss": best_val, "history": history,
+            "rng": _rng_state(device), "loop": {name: getattr(args, name) for name in LOOP_DEFAULTS},
         })
 
-    t_train0 = time.perf_counter()
-    startup = t_train0 - t_start
-    eval_time = 0.0
-    best_val = float("inf")
+    def stop_nonfinite(bad_iter, where):
+        # Checkpoints are written only after a check like this one, so the one on disk is good.
+        last = "; no checkpoint was written"
+        if is_main and args.out.exists():
+            last = f"; the last good checkpoint is {args.out} (step {load_checkpoint(args.out)['iter']})"
+        raise TrainingStopped(f"the {where} loss became NaN or infinite at iteration {bad_iter}{last}")
+
+    peak = _mfu_peak(device)
+    flops_per_step = _flops_per_token(raw_model, config) * args.batch_size * args.block_size
     tokens_per_step = args.batch_size * args.block_size
+    t_train0 = time.perf_counter()
+    startup, eval_time = t_train0 - t_start, 0.0
     t_log, steps_since_log = time.perf_counter(), 0
-    for it in range(args.max_iters):
-        if it % args.eval_interval == 0 or it == args.max_iters - 1:
-            t0 = time.perf_counter()
-            losses = estimate_loss()
-            print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
-            best_val = min(best_val, losses["val"])
-            checkpoint(it, best_val)
-            dt = time.perf_counter() - t0
-            eval_time += dt
-            t_log += dt
-        xb, yb = get_batch(train_data, args.batch_size, args.block_size)
-        with autocast:
-            _, loss = model(xb, yb)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        steps_since_log += 1
-        if args.log_interval and (it + 1) % args.log_interval == 0:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            ms = 1000 * (now - t_log) / steps_since_log
-            left = (args.max_iters - it - 1) * ms / 1000
-            print(f"iter {it + 1}/{args.max_iters} | {ms:.1f} ms/iter | "
-                  f"{tokens_per_step / ms * 1000:,.0f} tok/s | {_fmt_seconds(left)} left", file=sys.stderr)
-            t_log, steps_since_log = now, 0
+    interrupt = _Interrupt() if threading_main() else None
+    it = start_iter
+    try:
+        for it in range(start_iter, args.max_iters):
+            if it % args.eval_interval == 0 or it == args.max_iters - 1:
+                t0 = time.perf_counter()
+                bad = steps.first_nonfinite()
+                if bad is not None:
+                    stop_nonfinite(bad, "training")
+                losses = steps.evaluate(it)
+                if not all(map(math.isfinite, losses.values())):
+                    stop_nonfinite(it, "evaluation")
+                history.append((it, losses["train"], losses["val"]))
+                if is_main:
+                    print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+                if losses["val"] < best_val:
+                    best_val = losses["val"]
+                    checkpoint(it, best_path(args.out))
+                checkpoint(it)
+                if plot:
+                    plot.write(history)
+                dt = time.perf_counter() - t0
+                eval_time += dt
+                t_log += dt
+            loss = steps.train_step()
+            steps_since_log += 1
+            if args.log_interval and (it + 1) % args.log_interval == 0:
+                bad = steps.first_nonfinite()  # reads the device: a sync, at progress points only
+                if bad is not None:
+                    stop_nonfinite(bad, "training")
+                now = time.perf_counter()
+                ms = 1000 * (now - t_log) / steps_since_log
+                left = (args.max_iters - it - 1) * ms / 1000
+                mfu = f"{flops_per_step / (ms / 1000) / peak:.1%}" if peak else "n/a"
+                if is_main:
+                    print(f"iter {it + 1}/{args.max_iters} | loss {loss.item():.4f} | {ms:.1f} ms/iter | "
+                          f"{tokens_per_step / ms * 1000:,.0f} tok/s | MFU {mfu} | {_fmt_seconds(left)} left",
+                          file=sys.stderr, flush=True)
+                t_log, steps_since_log = now, 0
+            if interrupt is not None and interrupt.requested:
+                checkpoint(it + 1)
+                if is_main:
+                    print(f"interrupted after iteration {it + 1}: checkpoint saved to {args.out} "
+                          f"(continue with --resume {args.out})", file=sys.stderr, flush=True)
+                return 130
+        bad = steps.first_nonfinite()
+        if bad is not None:
+            stop_nonfinite(bad, "training")
+    finally:
+        if interrupt is not None:
+            interrupt.restore()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    trained = args.max_iters - start_iter
     train_time = time.perf_counter() - t_train0 - eval_time
 
     t0 = time.perf_counter()
-    if args.sample_tokens:
-        model.eval()
-        sample_gen = torch.Generator(device=device).manual_seed(args.seed)
+    if args.sample_tokens and is_main:
+        raw_model.eval()
+        generator = torch.Generator(device=device).manual_seed(args.seed)
         context = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1, 1)
         with autocast:
-            ids = model.generate(context, args.sample_tokens, generator=sample_gen)[0].tolist()
-        print(tokenizer.decode(ids), flush=True)
+            ids = raw_model.generate(context, args.sample_tokens, args.temperature, args.top_k, generator)
+        print(tokenizer.decode(ids[0].tolist()), flush=True)
+        raw_model.train()
     sample_time = time.perf_counter() - t0
-    checkpoint(args.max_iters, best_val)
-    tok_s = args.max_iters * tokens_per_step / train_time if train_time > 0 else float("nan")
-    print(f"time: start-up {startup:.1f} s, training {train_time:.1f} s, evaluation {eval_time:.1f} s, "
-          f"sampling {sample_time:.1f} s; {tok_s:,.0f} tok/s; checkpoint {args.out}", file=sys.stderr)
+    checkpoint(args.max_iters)
+    if is_main:
+        tok_s = trained * tokens_per_step / train_time if train_time > 0 and trained else 0.0
+        mfu = f"{tok_s * flops_per_step / tokens_per_step / peak:.1%}" if peak and tok_s else "n/a"
+        total = time.perf_counter() - t_start
+        print(f"time: {total:.1f} s = start-up {startup:.1f} + training {train_time:.1f} + evaluation "
+              f"{eval_time:.1f} + sampling {sample_time:.1f}; {tok_s:,.0f} tok/s; MFU {mfu}; "
+              f"checkpoint {args.out}", file=sys.stderr, flush=True)
     return 0
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _TrainSteps:
+    """The training step and the evaluation, eager or replayed from CUDA graphs.
+
+    No host synchronisation inside a step: batches are sampled on the device, and a non-finite loss
+    is recorded on the device (the first bad iteration) to be read at progress and evaluation points.
+    """
+
+    def __init__(self, model, raw_model, optimizer, scaler, autocast, train_data, val_data, micro_batch,
+                 args, device, rank, world, start_iter):
+        self.rank = rank
+        self.model, self.raw_model, self.optimizer, self.scaler = model, raw_model, optimizer, scaler
+        self.autocast, self.train_data, self.val_data = autocast, train_data, val_data
+        self.micro_batch, self.args, self.device, self.world = micro_batch, args, device, world
+        self.step_t = torch.full((), start_iter, dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.graphs = None
+
+    def _eager_step(self):
+        args, model = self.args, self.model
+        total = torch.zeros((), device=self.device)
+        for micro in range(args.grad_accum):
+            xb, yb = get_batch(self.train_data, self.micro_batch, args.block_size)
+            sync = model.no_sync() if self.world > 1 and micro < args.grad_accum - 1 else nullcontext()
+            with sync:
+                with self.autocast:
+                    _, loss = model(xb, yb)
+                self.scaler.scale(loss / args.grad_accum).backward()
+            total += loss.detach().float()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = total / args.grad_accum
+        bad_now = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(bad_now, self.step_t, self.first_bad))
+        self.step_t += 1
+        return loss
+
+    def train_step(self):
+        return self._eager_step()
+
+    def first_nonfinite(self):
+        bad = int(self.first_bad)
+        return bad if bad >= 0 else None
+
+    @torch.no_grad()
+    def evaluate(self, step):
+        """Mean loss over eval_iters batches of each split; the batches shared out among the ranks."""
+        args, device = self.args, self.device
+        rank = self.rank
+        gen = torch.Generator(device=device)
+        self.raw_model.eval()
+        sums = torch.zeros(2, device=device)
+        for split, data in enumerate((self.train_data, self.val_data)):
+            for k in range(rank, args.eval_iters, self.world):
+                gen.manual_seed(_eval_seed(args.seed, step, split, k))
+                xb, yb = get_batch(data, args.batch_size, args.block_size, gen)
+                with self.autocast:
+                    sums[split] += self.raw_model(xb, yb)[1].float()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        self.raw_model.train()
+        means = (sums / args.eval_iters).tolist()
+        return {"train": means[0], "val": means[1]}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    rank = world = local_rank = None
     try:
-        return run(args)
+        if args.sample_from is not None:
+            return sample_from(args)
+        rank, world, local_rank = _distributed(args)
+        return train(args, rank, world, local_rank)
     except (UsageError, DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if not rank:
+            print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        if not rank:
+            print(f"train.py: stopped: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if world and world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":
