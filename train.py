@@ -217,7 +217,6 @@ def _resolve_backend_dtype(args, device, head_dim: int):
             # The interpreter must be chosen before triton is first imported (kernels import it).
             if "triton" not in sys.modules:
                 os.environ["TRITON_INTERPRET"] = "1"
-            _note("no GPU, so the triton backend runs in Triton's interpreter (slow)")
         try:
             from kernels.attention import MAX_HEAD_DIM
         except ImportError:
@@ -226,6 +225,8 @@ def _resolve_backend_dtype(args, device, head_dim: int):
         if head_dim > MAX_HEAD_DIM:
             raise UsageError(f"--backend triton supports head dims up to {MAX_HEAD_DIM}; --n-embd / --n-head "
                              f"= {head_dim}: use more heads, or --backend torch or reference")
+        if not on_gpu:
+            _note("no GPU, so the triton backend runs in Triton's interpreter (slow)")
     return backend, dtype
 
 
