@@ -1,0 +1,339 @@
+"""kernels.layer_norm and kernels.add_layer_norm against the float64 reference, forward and every
+gradient, plus dropout bits, determinism, the inference path and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels import layernorm as ln
+from kernels import reference as ref
+from tests.conftest import DTYPES, assert_matches_reference
+
+SHAPES = [
+    pytest.param((1, 3), id="1x3"),
+    pytest.param((7, 33), id="7x33"),
+    pytest.param((2, 5, 384), id="2x5x384"),
+    pytest.param((3, 1000), id="3x1000"),
+    pytest.param((2, 4097), id="2x4097"),
+    pytest.param((4, 8192), id="4x8192"),
+]
+
+
+def _run(fn, tensors, cotangents):
+    """Outputs of fn(*tensors) and the gradients of sum(out * cotangent) for each input tensor.
+
+    A cotangent of None leaves that output out of the loss (it gets no gradient from it).
+    """
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    used = [(o, c) for o, c in zip(outs, cotangents) if c is not None]
+    torch.autograd.backward([o for o, _ in used], [c for _, c in used])
+    return [o.detach() for o in outs], [t.grad if t is not None else None for t in leaves]
+
+
+def _compare(kernel_fn, ref_fn, tensors, cotangents, out_names, in_names):
+    """Kernel vs reference (float64), with the reference in the kernel's dtypes as the yardstick."""
+    out_dtype = tensors[0].dtype
+    outs, grads = _run(kernel_fn, tensors, cotangents)
+    outs64, grads64 = _run(ref_fn, [t.double() if t is not None else None for t in tensors],
+                           [c.double() if c is not None else None for c in cotangents])
+    # Same computation in the kernel's dtypes; outputs cast to x's dtype as the kernel stores them
+    # (fp32 parameters would otherwise promote them).
+    outs_kd, grads_kd = _run(lambda *a: tuple(o.to(out_dtype) for o in _as_tuple(ref_fn(*a))),
+                             tensors, cotangents)
+    for name, o, o64, okd in zip(out_names, outs, outs64, outs_kd):
+        assert_matches_reference(name, o, o64, okd)
+    for name, t, g, g64, gkd in zip(in_names, tensors, grads, grads64, grads_kd):
+        if t is None:
+            continue
+        if g64 is None:  # the loss does not depend on t (y unused): its gradient is zero
+            assert g is None or not g.any(), f"{name}: nonzero gradient, expected none"
+            continue
+        assert g is not None, f"{name}: no gradient"
+        assert_matches_reference(name, g, g64, gkd)
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _inputs(shape, dtype, device, affine="weight+bias", param_dtype=None):
+    C = shape[-1]
+    param_dtype = param_dtype or dtype
+    x = torch.randn(shape, device=device).to(dtype)  # (..., C)
+    w = (1 + 0.5 * torch.randn(C, device=device)).to(param_dtype) if "weight" in affine else None  # (C,)
+    b = (0.5 * torch.randn(C, device=device)).to(param_dtype) if "bias" in affine else None  # (C,)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_matches_reference(shape, dtype, device):
+    x, w, b = _inputs(shape, dtype, device)
+    dy = torch.randn(shape, device=device).to(dtype)
+    _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_column(dtype, device):
+    """C = 1: xhat = 0, so y = bias and dx = 0 exactly. (The fp16 reference is no yardstick here:
+    its rsqrt backward cubes rsqrt(eps) ~ 316 past fp16's range and returns nan.)"""
+    x, w, b = _inputs((5, 1), dtype, device)
+    dy = torch.randn(5, 1, device=device).to(dtype)
+    (y,), (dx, dw, db) = _run(kernels.layer_norm, [x, w, b], [dy])
+    assert torch.equal(y, b.expand(5, 1)) and torch.equal(dx, torch.zeros_like(dx))
+    assert torch.equal(dw, torch.zeros_like(dw))
+    torch.testing.assert_close(db, dy.double().sum(0).to(dtype))
+    if dtype == torch.float32:
+        _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_layer_norm_without_weight_or_bias(affine, dtype, device):
+    x, w, b = _inputs((7, 33), dtype, device, affine)
+    dy = torch.randn(7, 33, device=device).to(dtype)
+    _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize("x_dtype", [p for p in DTYPES if p.id != "fp32"])
+@pytest.mark.parametrize("shape", [pytest.param((7, 33), id="7x33"), pytest.param((2, 5, 384), id="2x5x384")])
+def test_fp32_params_with_half_x(shape, x_dtype, device):
+    """Autocast training keeps fp32 parameters: y and dx in x's dtype, dweight/dbias in fp32."""
+    x, w, b = _inputs(shape, x_dtype, device, param_dtype=torch.float32)
+    dy = torch.randn(shape, device=device).to(x_dtype)
+    _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"])
+    r = torch.randn(shape, device=device).to(x_dtype)
+    _compare(kernels.add_layer_norm, ref.add_layer_norm, [x, r, w, b], [dy, dy], ["y", "s"],
+             ["dx", "dresidual", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize("grads", ["y+s", "y", "s"])
+@pytest.mark.parametrize("dropout_p", [pytest.param(0.0, id="p0"), pytest.param(0.2, id="p0.2")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [pytest.param(s, id="x".join(map(str, s)))
+                                   for s in [(1, 3), (7, 33), (2, 5, 384), (2, 4097)]])
+def test_add_layer_norm_matches_reference(shape, dtype, dropout_p, grads, device):
+    """grads names the outputs the loss uses: "s" alone sends no gradient through y, "y" none into s."""
+    x, w, b = _inputs(shape, dtype, device)
+    r = torch.randn(shape, device=device).to(dtype)
+    dy = torch.randn(shape, device=device).to(dtype) if "y" in grads else None
+    ds = torch.randn(shape, device=device).to(dtype) if "s" in grads else None
+    rows, C = x.numel() // shape[-1], shape[-1]
+    keep = ln.dropout_keep_mask(1234, rows, C, dropout_p, device) if dropout_p > 0 else None  # (rows, C)
+    _compare(lambda *a: kernels.add_layer_norm(*a, dropout_p=dropout_p, seed=1234),
+             lambda *a: ref.add_layer_norm(*a, dropout_p=dropout_p, keep_mask=keep),
+             [x, r, w, b], [dy, ds], ["y", "s"], ["dx", "dresidual", "dweight", "dbias"])
+
+
+def _many_rows_shape(device):
+    """(rows, 256) with a ragged last row block and more row blocks than backward programs (about
+    300 rows in the interpreter, more on a GPU, which runs more programs)."""
+    n_cols = 256
+    _, rows_per_block, _ = ln._config(n_cols)
+    max_progs = ln._bwd_programs(2**30, n_cols, device)
+    shape = (rows_per_block * (2 * max_progs + 3) - 5, n_cols)
+    n_progs = ln._bwd_programs(*shape, device)
+    assert 1 < n_progs < math.ceil(shape[0] / rows_per_block), "shape no longer exercises the loop"
+    return shape
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm_dropout"])
+def test_many_rows_several_programs(op, device):
+    """Several backward programs each fold several row blocks into their partial sums."""
+    shape = _many_rows_shape(device)
+    x, w, b = _inputs(shape, torch.float32, device)
+    dy = torch.randn(shape, device=device)
+    if op == "layer_norm":
+        _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"])
+    else:
+        r, ds = torch.randn(shape, device=device), torch.randn(shape, device=device)
+        keep = ln.dropout_keep_mask(7, *shape, 0.3, device)  # (rows, C)
+        _compare(lambda *a: kernels.add_layer_norm(*a, dropout_p=0.3, seed=7),
+                 lambda *a: ref.add_layer_norm(*a, dropout_p=0.3, keep_mask=keep),
+                 [x, r, w, b], [dy, ds], ["y", "s"], ["dx", "dresidual", "dweight", "dbias"])
+
+
+def test_dweight_dbias_bitwise_repeatable(device):
+    shape = _many_rows_shape(device)
+    x, w, b = _inputs(shape, torch.float32, device)
+    dy = torch.randn(shape, device=device)
+    (_, (_, dw1, db1)), (_, (_, dw2, db2)) = [_run(kernels.layer_norm, [x, w, b], [dy]) for _ in range(2)]
+    assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+def test_kept_fraction_is_one_minus_p(dropout_p, device):
+    n_rows, n_cols = 256, 1000
+    keep = ln.dropout_keep_mask(99, n_rows, n_cols, dropout_p, device)  # (rows, C)
+    assert keep.dtype == torch.bool and keep.shape == (n_rows, n_cols)
+    n = n_rows * n_cols
+    sigma = math.sqrt(dropout_p * (1 - dropout_p) / n)
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - dropout_p)) < 6 * sigma, f"kept {frac:.4f}, expected {1 - dropout_p} +- {6 * sigma:.4f}"
+
+
+def test_dropout_bits_keyed_on_element_index(device):
+    """The bits depend on row * C + col only, not on how the elements are split into rows."""
+    flat = ln.dropout_keep_mask(5, 1, 60, 0.5, device)  # (1, 60)
+    assert torch.equal(ln.dropout_keep_mask(5, 6, 10, 0.5, device), flat.view(6, 10))
+    assert torch.equal(ln.dropout_keep_mask(5, 60, 1, 0.5, device), flat.view(60, 1))
+    assert torch.equal(ln.dropout_keep_mask(torch.tensor(5), 6, 10, 0.5, device), flat.view(6, 10))
+
+
+def _philox_uniform(seed: int, index: np.ndarray) -> np.ndarray:
+    """tl.rand(seed, index) written out: Philox4x32-10 on counter (index lo, index hi, 0, 0) and key
+    (seed lo, seed hi); the first word, folded to a non-negative int32, times 2^-31 in fp32."""
+    u32 = lambda v: np.asarray(v, dtype=np.uint64) & np.uint64(0xFFFFFFFF)  # noqa: E731
+    c0, c1 = u32(index), u32(index.astype(np.uint64) >> np.uint64(32))
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = u32(seed), u32(seed >> 32)
+    A, B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        c0, c1, c2, c3 = (u32((B * c2) >> np.uint64(32)) ^ c1 ^ k0, u32(B * c2),
+                          u32((A * c0) >> np.uint64(32)) ^ c3 ^ k1, u32(A * c0))
+        k0, k1 = u32(k0 + np.uint64(0x9E3779B9)), u32(k1 + np.uint64(0xBB67AE85))
+    x = c0.astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    return x.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 2**40 + 12345])
+def test_dropout_bits_are_philox_of_seed_and_element_index(seed, device):
+    """Bit-exact against an independent Philox: keep = tl.rand(seed, row * C + col) >= p."""
+    n_rows, n_cols, p = 37, 129, 0.3
+    keep = ln.dropout_keep_mask(seed, n_rows, n_cols, p, device)  # (rows, C)
+    index = np.arange(n_rows * n_cols, dtype=np.int64).reshape(n_rows, n_cols)  # (rows, C)
+    expected = _philox_uniform(seed, index) >= np.float32(p)
+    assert np.array_equal(keep.cpu().numpy(), expected)
+
+
+def test_same_seed_same_bits_other_seed_different(device):
+    x, w, b = _inputs((16, 64), torch.float32, device)
+    r, dy, ds = (torch.randn(16, 64, device=device) for _ in range(3))
+    run = lambda seed: _run(lambda *a: kernels.add_layer_norm(*a, dropout_p=0.5, seed=seed),  # noqa: E731
+                            [x, r, w, b], [dy, ds])
+    (outs1, grads1), (outs2, grads2), (outs3, _) = run(11), run(11), run(12)
+    for a, b_ in zip(outs1 + grads1, outs2 + grads2):
+        assert torch.equal(a, b_)
+    assert not torch.equal(outs1[1], outs3[1])
+    keep11 = ln.dropout_keep_mask(11, 16, 64, 0.5, device)
+    torch.testing.assert_close(outs1[1], r + x * keep11 / 0.5)
+
+
+def test_seed_none_repeatable_under_manual_seed(device):
+    x, r = torch.randn(16, 64, device=device), torch.randn(16, 64, device=device)
+    draw = lambda: kernels.add_layer_norm(x, r, dropout_p=0.5)[1]  # noqa: E731
+    torch.manual_seed(3)
+    s1, s2 = draw(), draw()
+    torch.manual_seed(3)
+    s3 = draw()
+    assert torch.equal(s1, s3), "seed=None is not repeatable under torch.manual_seed"
+    assert not torch.equal(s1, s2), "seed=None drew the same bits twice"
+
+
+def test_seed_none_backward_uses_forward_bits(device):
+    x, r = torch.randn(16, 64, device=device), torch.randn(16, 64, device=device)
+    (_, s), (dx, dres, _, _) = _run(lambda *a: kernels.add_layer_norm(*a, dropout_p=0.5),
+                                    [x, r, None, None], [torch.randn(16, 64, device=device), None])
+    kept = s != r  # x is nonzero, so exactly the kept elements moved s
+    assert 0 < kept.sum() < kept.numel()
+    assert torch.equal(dx != 0, kept)
+    torch.testing.assert_close(dx, torch.where(kept, dres / 0.5, 0.0))
+
+
+def test_non_contiguous_inputs(device):
+    x = torch.randn(33, 7, device=device).t()  # (7, 33), non-contiguous
+    r = torch.randn(33, 7, device=device).t()  # (7, 33), non-contiguous
+    w = torch.randn(66, device=device)[::2]  # (33,), non-contiguous
+    b = torch.randn(33, device=device)
+    dy = torch.randn(33, 7, device=device).t()
+    assert not (x.is_contiguous() or r.is_contiguous() or w.is_contiguous() or dy.is_contiguous())
+    _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"])
+    _compare(kernels.add_layer_norm, ref.add_layer_norm, [x, r, w, b], [dy, dy], ["y", "s"],
+             ["dx", "dresidual", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize("how", ["no_grad", "no_requires_grad", "training"])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_stats_saved_only_for_training(op, how, device, monkeypatch):
+    """Inference (no_grad, or nothing requires grad) neither builds a graph nor writes mean/rstd;
+    its outputs are bitwise those of the training path."""
+    save_stats_seen = []
+
+    def spy(*args):
+        save_stats_seen.append(args[-1])
+        return launcher(*args)
+
+    launcher = ln._ln_forward
+    monkeypatch.setattr(ln, "_ln_forward", spy)
+    x, w, b = _inputs((7, 33), torch.float32, device)
+    r = torch.randn(7, 33, device=device)
+    call = (lambda x_: kernels.layer_norm(x_, w, b)) if op == "layer_norm" else \
+        (lambda x_: kernels.add_layer_norm(x_, r, w, b, dropout_p=0.2, seed=3))
+    with torch.set_grad_enabled(how != "no_grad"):
+        outs = _as_tuple(call(x.clone().requires_grad_(how != "no_requires_grad")))
+    assert save_stats_seen == [how == "training"]
+    assert all((o.grad_fn is not None) == (how == "training") for o in outs)
+    if how != "training":
+        for o, t in zip(outs, _as_tuple(call(x.clone().requires_grad_()))):
+            assert torch.equal(o, t.detach())
+
+
+def test_zero_rows(device):
+    x, w, b = _inputs((0, 8), torch.float32, device)
+    outs, (dx, dw, db) = _run(kernels.layer_norm, [x, w, b], [torch.empty(0, 8, device=device)])
+    assert outs[0].shape == (0, 8) and dx.shape == (0, 8)
+    assert torch.equal(dw, torch.zeros(8, device=device)) and torch.equal(db, torch.zeros(8, device=device))
+
+
+BAD_INPUTS = [
+    pytest.param(lambda x, dev: kernels.layer_norm(x, torch.ones(9, device=dev)), ValueError,
+                 r"weight must have shape \(C,\) = \(8,\), got \(9,\)", id="weight-shape"),
+    pytest.param(lambda x, dev: kernels.layer_norm(x, None, torch.ones(2, 8, device=dev)), ValueError,
+                 r"bias must have shape \(C,\) = \(8,\), got \(2, 8\)", id="bias-shape"),
+    pytest.param(lambda x, dev: kernels.add_layer_norm(x, torch.randn(4, 9, device=dev)), ValueError,
+                 r"residual must have x's shape \(4, 8\), got \(4, 9\)", id="residual-shape"),
+    pytest.param(lambda x, dev: kernels.add_layer_norm(x, x.half()), TypeError,
+                 r"residual must have x's dtype torch.float32, got torch.float16", id="residual-dtype"),
+    pytest.param(lambda x, dev: kernels.layer_norm(x, eps=0.0), ValueError, r"eps must be > 0, got 0.0",
+                 id="eps-zero"),
+    pytest.param(lambda x, dev: kernels.add_layer_norm(x, x, eps=-1e-5), ValueError,
+                 r"eps must be > 0, got -1e-05", id="eps-negative"),
+    pytest.param(lambda x, dev: kernels.layer_norm(x, eps="1e-5"), TypeError, r"eps must be a float, got str",
+                 id="eps-str"),
+    pytest.param(lambda x, dev: kernels.layer_norm(x.long()), TypeError,
+                 r"x must be float32, float16 or bfloat16, got torch.int64", id="x-int"),
+    pytest.param(lambda x, dev: kernels.add_layer_norm(x, x.int()), TypeError,
+                 r"residual must be float32, float16 or bfloat16, got torch.int32", id="residual-int"),
+    pytest.param(lambda x, dev: kernels.layer_norm(x, torch.ones(8, dtype=torch.int32, device=dev)), TypeError,
+                 r"weight must be float32, float16 or bfloat16, got torch.int32", id="weight-int"),
+    pytest.param(lambda x, dev: kernels.layer_norm([[1.0, 2.0]]), TypeError,
+                 r"x must be a torch.Tensor, got list", id="x-list"),
+    pytest.param(lambda x, dev: kernels.add_layer_norm(x, x, dropout_p=1.0), ValueError,
+                 r"dropout_p must be in \[0, 1\), got 1.0", id="p-one"),
+    pytest.param(lambda x, dev: kernels.add_layer_norm(x, x, dropout_p=-0.1), ValueError,
+                 r"dropout_p must be in \[0, 1\), got -0.1", id="p-negative"),
+    pytest.param(lambda x, dev: kernels.add_layer_norm(x, x, dropout_p=0.1, seed="7"), TypeError,
+                 r"seed must be an int, a 1-element integer tensor or None, got str", id="seed-str"),
+    pytest.param(lambda x, dev: kernels.layer_norm(x, torch.ones(8, device="meta")), ValueError,
+                 r"weight is on meta, x on (cpu|cuda)", id="weight-device"),
+    pytest.param(lambda x, dev: kernels.add_layer_norm(x, x, None, torch.ones(8, device="meta")), ValueError,
+                 r"bias is on meta, x on (cpu|cuda)", id="bias-device"),
+    pytest.param(lambda x, dev: kernels.add_layer_norm(x, x.to("meta")), ValueError,
+                 r"residual is on meta, x on (cpu|cuda)", id="residual-device"),
+    pytest.param(lambda x, dev: kernels.layer_norm(torch.ones(1, ln.MAX_COLS + 1, device=dev)), ValueError,
+                 r"last dimension C in \[1, 16384\], got shape \(1, 16385\)", id="C-too-large"),
+    pytest.param(lambda x, dev: kernels.layer_norm(torch.ones(4, 0, device=dev)), ValueError,
+                 r"last dimension C in \[1, 16384\], got shape \(4, 0\)", id="C-zero"),
+]
+
+
+@pytest.mark.parametrize("call, exc, match", BAD_INPUTS)
+def test_bad_input_raises(call, exc, match, device):
+    with pytest.raises(exc, match=match):
+        call(torch.randn(4, 8, device=device), device)
