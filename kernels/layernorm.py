@@ -27,10 +27,13 @@ indices, so more than 2^31 elements are fine). `dropout_keep_mask` runs the same
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from torch import Tensor
 
 from kernels._common import check_dropout_p, check_float_tensor, seed_tensor
 
@@ -218,13 +221,10 @@ def _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t):
     dx = torch.empty_like(s2d)  # (rows, C)
     dres = torch.empty_like(s2d) if has_dropout else None  # (rows, C)
     n_progs = _bwd_programs(n_rows, n_cols, s2d.device)
-    # One buffer for both partials so one .sum reduces them. Every program writes its rows of
-    # partials; with no rows there is no launch, hence zeros.
-    n_params = (weight is not None) + (bias is not None)
+    # Every program writes its row of partials; with no rows there is no launch, hence zeros.
     new = torch.empty if n_rows > 0 else torch.zeros
-    partials = new(n_params, n_progs, n_cols, dtype=torch.float32, device=s2d.device)  # (K, P, C)
-    dw_partial = partials[0] if weight is not None else None  # (P, C)
-    db_partial = partials[n_params - 1] if bias is not None else None  # (P, C)
+    dw_partial = new(n_progs, n_cols, dtype=torch.float32, device=s2d.device) if weight is not None else None  # (P, C)
+    db_partial = new(n_progs, n_cols, dtype=torch.float32, device=s2d.device) if bias is not None else None  # (P, C)
     if n_rows > 0:
         block_c, rows, num_warps = _config(n_cols)
         _ln_bwd_kernel[(n_progs,)](
@@ -235,48 +235,70 @@ def _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t):
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
             HAS_DS=ds2d is not None, num_warps=num_warps,
         )
-    sums = partials.sum(1) if n_params else None  # (K, C)
-    dweight = sums[0].to(weight.dtype) if weight is not None else None  # (C,)
-    dbias = sums[n_params - 1].to(bias.dtype) if bias is not None else None  # (C,)
+    dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None  # (C,)
+    dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None  # (C,)
     return dx, dres, dweight, dbias
 
 
-class _LayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        x2d = x.view(-1, x.shape[-1])  # (rows, C)
-        y, _, mean, rstd = _ln_forward(x2d, None, weight, bias, eps, 0.0, None, True)
-        ctx.save_for_backward(x2d, weight, bias, mean, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, bias, mean, rstd = ctx.saved_tensors
-        dy2d = dy.contiguous().view(x2d.shape)  # (rows, C)
-        dx, _, dweight, dbias = _ln_backward(dy2d, None, x2d, weight, bias, mean, rstd, 0.0, None)
-        return dx.view(dy.shape), dweight, dbias, None
+# The launchers registered as torch.library custom ops, so torch.compile treats each as one opaque
+# node (no graph break) and autograd runs _ln_backward. Custom ops return tensors only, never None
+# nor an input: an absent output is an empty tensor.
+@torch.library.custom_op("triton_gpt::layer_norm_fwd", mutates_args=())
+def _ln_forward_op(x2d: Tensor, residual2d: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float, dropout_p: float, seed_t: Optional[Tensor], save_stats: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, s, mean, rstd = _ln_forward(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stats)
+    return (y, x2d.new_empty(0) if s is None else s,
+            x2d.new_empty(0, dtype=torch.float32) if mean is None else mean,
+            x2d.new_empty(0, dtype=torch.float32) if rstd is None else rstd)
 
 
-class _AddLayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed_t):
-        x2d, res2d = x.view(-1, x.shape[-1]), residual.view(-1, x.shape[-1])  # (rows, C) each
-        y, s, mean, rstd = _ln_forward(x2d, res2d, weight, bias, eps, dropout_p, seed_t, True)
-        ctx.save_for_backward(s, weight, bias, mean, rstd, seed_t)
-        ctx.dropout_p = dropout_p
-        ctx.set_materialize_grads(False)  # ds is None when s is not used later
-        return y.view(x.shape), s.view(x.shape)
+@_ln_forward_op.register_fake
+def _(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stats):
+    n_stats = x2d.shape[0] if save_stats else 0
+    stats = x2d.new_empty(n_stats, dtype=torch.float32)  # (rows,) or (0,)
+    s = torch.empty_like(x2d) if residual2d is not None else x2d.new_empty(0)
+    return torch.empty_like(x2d), s, stats, torch.empty_like(stats)
 
-    @staticmethod
-    def backward(ctx, dy, ds):
-        s2d, weight, bias, mean, rstd, seed_t = ctx.saved_tensors
-        dy2d = torch.zeros_like(s2d) if dy is None else dy.contiguous().view(s2d.shape)  # (rows, C)
-        ds2d = None if ds is None else ds.contiguous().view(s2d.shape)  # (rows, C)
-        dx, dres, dweight, dbias = _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd,
-                                                ctx.dropout_p, seed_t)
-        shape = dy.shape if dy is not None else ds.shape
-        dres = dx if dres is None else dres
-        return dx.view(shape), dres.view(shape), dweight, dbias, None, None, None
+
+@torch.library.custom_op("triton_gpt::layer_norm_bwd", mutates_args=())
+def _ln_backward_op(dy2d: Tensor, ds2d: Optional[Tensor], s2d: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor], mean: Tensor, rstd: Tensor, dropout_p: float, seed_t: Optional[Tensor]
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dres, dweight, dbias = _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t)
+    return (dx, s2d.new_empty(0) if dres is None else dres, s2d.new_empty(0) if dweight is None else dweight,
+            s2d.new_empty(0) if dbias is None else dbias)
+
+
+@_ln_backward_op.register_fake
+def _(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t):
+    dres = torch.empty_like(s2d) if dropout_p > 0.0 else s2d.new_empty(0)
+    dweight = torch.empty_like(weight) if weight is not None else s2d.new_empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else s2d.new_empty(0)
+    return torch.empty_like(s2d), dres, dweight, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stats = inputs
+    y, s, mean, rstd = output
+    # What was normalized: s with a residual, else x itself. xhat is recomputed from it.
+    ctx.save_for_backward(s if residual2d is not None else x2d, weight, bias, mean, rstd, seed_t)
+    ctx.has_residual = residual2d is not None
+    ctx.dropout_p = dropout_p
+    ctx.set_materialize_grads(False)  # dy or ds is None when y or s is not used later
+
+
+def _backward(ctx, dy, ds, _dmean, _drstd):
+    s2d, weight, bias, mean, rstd, seed_t = ctx.saved_tensors
+    dy = torch.zeros_like(s2d) if dy is None else dy.contiguous()  # (rows, C)
+    ds = ds.contiguous() if ds is not None and ds.numel() else None  # (rows, C)
+    dx, dres, dweight, dbias = _ln_backward_op(dy, ds, s2d, weight, bias, mean, rstd, ctx.dropout_p, seed_t)
+    dres = (dres if ctx.dropout_p > 0.0 else dx) if ctx.has_residual else None
+    return (dx, dres, dweight if weight is not None else None, dbias if bias is not None else None,
+            None, None, None, None)
+
+
+_ln_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(x, residual, weight, bias, eps) -> int:
@@ -320,9 +342,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     x = x.contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    if _needs_grad(x, weight, bias):
-        return _LayerNormFn.apply(x, weight, bias, eps)
-    y, _, _, _ = _ln_forward(x.view(-1, n_cols), None, weight, bias, eps, 0.0, None, False)
+    save_stats = _needs_grad(x, weight, bias)
+    y, _, _, _ = _ln_forward_op(x.view(-1, n_cols), None, weight, bias, eps, 0.0, None, save_stats)  # (rows, C)
     return y.view(x.shape)
 
 
@@ -340,10 +361,9 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
     x, residual = x.contiguous(), residual.contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    if _needs_grad(x, residual, weight, bias):
-        return _AddLayerNormFn.apply(x, residual, weight, bias, eps, dropout_p, seed_t)
+    save_stats = _needs_grad(x, residual, weight, bias)
     x2d, res2d = x.view(-1, n_cols), residual.view(-1, n_cols)  # (rows, C) each
-    y, s, _, _ = _ln_forward(x2d, res2d, weight, bias, eps, dropout_p, seed_t, False)
+    y, s, _, _ = _ln_forward_op(x2d, res2d, weight, bias, eps, dropout_p, seed_t, save_stats)  # (rows, C) x2
     return y.view(x.shape), s.view(x.shape)
 
 

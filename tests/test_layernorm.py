@@ -337,3 +337,37 @@ BAD_INPUTS = [
 def test_bad_input_raises(call, exc, match, device):
     with pytest.raises(exc, match=match):
         call(torch.randn(4, 8, device=device), device)
+
+
+@pytest.mark.parametrize("residual, dropout_p", [(False, 0.0), (True, 0.0), (True, 0.2)],
+                         ids=["layer_norm", "add", "add-dropout"])
+def test_custom_ops_pass_opcheck(residual, dropout_p, device):
+    """The torch.library registrations (schema, fake tensors, autograd) that torch.compile relies on."""
+    x = torch.randn(6, 33, device=device, requires_grad=True)
+    r = torch.randn(6, 33, device=device, requires_grad=True) if residual else None
+    w = torch.randn(33, device=device, requires_grad=True)
+    b = torch.randn(33, device=device, requires_grad=True)
+    seed = torch.tensor([5], device=device) if dropout_p else None
+    torch.library.opcheck(ln._ln_forward_op, (x, r, w, b, 1e-5, dropout_p, seed, True))
+
+
+def test_compiles_without_graph_breaks(device):
+    """fullgraph=True fails on any graph break; the compiled op gives the eager op's values."""
+    x = torch.randn(4, 7, 48, device=device, requires_grad=True)
+    r = torch.randn(4, 7, 48, device=device, requires_grad=True)
+    w = torch.randn(48, device=device, requires_grad=True)
+
+    def f(x, r):
+        y, s = ln.add_layer_norm(x, r, w, None, 1e-5, 0.2, 11)
+        return ln.layer_norm(y * s, w).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(x, r)
+    got.backward()
+    grads = (x.grad.clone(), r.grad.clone(), w.grad.clone())
+    x.grad = r.grad = w.grad = None
+    want = f(x, r)
+    want.backward()
+    assert torch.equal(got, want)
+    for name, g, h in zip(("dx", "dresidual", "dweight"), grads, (x.grad, r.grad, w.grad)):
+        assert torch.equal(g, h), name
