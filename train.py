@@ -399,6 +399,24 @@ class _Plot:
         os.replace(tmp, self.path)
 
 
+def _use_cuda_graphs(args, device, world, dtype) -> bool:
+    """On by default where the step can be captured: a GPU, one process, no float16 loss scaling."""
+    if args.cuda_graphs is False:
+        return False
+    reason = None
+    if device.type != "cuda":
+        reason = "they need a GPU"
+    elif world > 1:
+        reason = "not with data-parallel runs"
+    elif dtype == torch.float16:
+        reason = "float16's loss scaling is not captured"
+    elif args.compile:
+        reason = "not together with --compile"
+    if reason and args.cuda_graphs:
+        _note(f"--cuda-graphs ignored: {reason}")
+    return reason is None
+
+
 def _distributed(args):
     """(rank, world_size, local_rank), starting the process group under torchrun."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -432,7 +450,9 @@ def train(args, rank: int, world: int, local_rank: int) -> int:
     model.to(device)
     if is_main:
         print(model.num_parameters() / 1e6, "M parameters", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
+    use_graphs = _use_cuda_graphs(args, device, world, dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=device.type == "cuda",
+                                  capturable=use_graphs)
     start_iter, best_val, history = 0, float("inf"), []
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -452,11 +472,13 @@ def train(args, rank: int, world: int, local_rank: int) -> int:
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    # Autocast's weight-cast cache would outlive a graph capture, so graphs run without it.
+    autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not use_graphs)
+                if dtype != torch.float32 else nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     micro_batch = args.batch_size // world // args.grad_accum
     steps = _TrainSteps(model, raw_model, optimizer, scaler, autocast, train_data, val_data, micro_batch,
-                        args, device, rank, world, start_iter)
+                        args, device, rank, world, start_iter, use_graphs)
     plot = _Plot(args.plot) if args.plot is not None and is_main else None
 
     def checkpoint(it, path=None):
@@ -569,23 +591,32 @@ class _TrainSteps:
 
     No host synchronisation inside a step: batches are sampled on the device, and a non-finite loss
     is recorded on the device (the first bad iteration) to be read at progress and evaluation points.
+    With CUDA graphs, the first WARMUP steps run eagerly (compiling the Triton kernels), then the
+    whole step (sampling, forward, backward, AdamW) is captured once and replayed; the evaluation
+    forward likewise. The random draws inside (batch offsets, dropout seeds) come from torch's CUDA
+    generator, which advances on every replay, so each replay gets fresh batches and dropout bits.
     """
 
+    WARMUP = 3
+
     def __init__(self, model, raw_model, optimizer, scaler, autocast, train_data, val_data, micro_batch,
-                 args, device, rank, world, start_iter):
-        self.rank = rank
+                 args, device, rank, world, start_iter, use_graphs):
         self.model, self.raw_model, self.optimizer, self.scaler = model, raw_model, optimizer, scaler
         self.autocast, self.train_data, self.val_data = autocast, train_data, val_data
-        self.micro_batch, self.args, self.device, self.world = micro_batch, args, device, world
+        self.micro_batch, self.args, self.device = micro_batch, args, device
+        self.rank, self.world, self.use_graphs = rank, world, use_graphs
+        # A compiled model evaluates compiled too; under DDP the bare module evaluates (no gradient sync).
+        self.eval_model = model if world == 1 else raw_model
         self.step_t = torch.full((), start_iter, dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.graphs = None
+        self.eager_steps = 0
+        self.train_graph = self.eval_graph = None
 
-    def _eager_step(self):
+    def _step(self, zero_grad: bool):
         args, model = self.args, self.model
         total = torch.zeros((), device=self.device)
         for micro in range(args.grad_accum):
-            xb, yb = get_batch(self.train_data, self.micro_batch, args.block_size)
+            xb, yb = get_batch(self.train_data, self.micro_batch, args.block_size)  # (B, T) x2
             sync = model.no_sync() if self.world > 1 and micro < args.grad_accum - 1 else nullcontext()
             with sync:
                 with self.autocast:
@@ -594,7 +625,8 @@ class _TrainSteps:
             total += loss.detach().float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
         loss = total / args.grad_accum
         bad_now = ~torch.isfinite(loss) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(bad_now, self.step_t, self.first_bad))
@@ -602,26 +634,79 @@ class _TrainSteps:
         return loss
 
     def train_step(self):
-        return self._eager_step()
+        if self.train_graph is not None:
+            self.train_graph.replay()
+            return self.static_loss
+        if not self.use_graphs:
+            return self._step(zero_grad=True)
+        if self.eager_steps < self.WARMUP:
+            # Warm-up on a side stream, as graph capture wants (PyTorch's CUDA graphs notes).
+            self.eager_steps += 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                loss = self._step(zero_grad=True)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return loss
+        try:
+            graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads in the graph's pool
+            with torch.cuda.graph(graph):
+                self.static_loss = self._step(zero_grad=False)
+        except Exception as e:  # capture is all or nothing: fall back to the eager step
+            self._fall_back("training step", e)
+            return self._step(zero_grad=True)
+        self.train_graph = graph
+        graph.replay()
+        return self.static_loss
+
+    def _fall_back(self, what, error):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _note(f"CUDA graph capture of the {what} failed ({first}); running it eagerly")
+        torch.cuda.synchronize(self.device)
+        self.use_graphs = False
+        self.optimizer.zero_grad(set_to_none=True)
 
     def first_nonfinite(self):
         bad = int(self.first_bad)
         return bad if bad >= 0 else None
 
+    def _eval_loss(self, xb, yb):
+        if not self.use_graphs:
+            with self.autocast:
+                return self.eval_model(xb, yb)[1]
+        if self.eval_graph is None:
+            self.static_x, self.static_y = xb.clone(), yb.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), self.autocast:
+                self.eval_model(self.static_x, self.static_y)  # compiles the inference kernels
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph), self.autocast:
+                    self.static_eval_loss = self.eval_model(self.static_x, self.static_y)[1]
+            except Exception as e:
+                self._fall_back("evaluation forward", e)
+                return self._eval_loss(xb, yb)
+            self.eval_graph = graph
+        self.static_x.copy_(xb)
+        self.static_y.copy_(yb)
+        self.eval_graph.replay()
+        return self.static_eval_loss
+
     @torch.no_grad()
     def evaluate(self, step):
         """Mean loss over eval_iters batches of each split; the batches shared out among the ranks."""
         args, device = self.args, self.device
-        rank = self.rank
         gen = torch.Generator(device=device)
         self.raw_model.eval()
         sums = torch.zeros(2, device=device)
         for split, data in enumerate((self.train_data, self.val_data)):
-            for k in range(rank, args.eval_iters, self.world):
+            for k in range(self.rank, args.eval_iters, self.world):
                 gen.manual_seed(_eval_seed(args.seed, step, split, k))
-                xb, yb = get_batch(data, args.batch_size, args.block_size, gen)
-                with self.autocast:
-                    sums[split] += self.raw_model(xb, yb)[1].float()
+                xb, yb = get_batch(data, args.batch_size, args.block_size, gen)  # (B, T) x2
+                sums[split] += self._eval_loss(xb, yb).float()
         if self.world > 1:
             import torch.distributed as dist
 
