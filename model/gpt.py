@@ -125,6 +125,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self.lm_head.weight = self.token_embedding_table.weight  # tied: one tensor
         self.ops = backend_ops(config.backend)
+        # The fused kernels take the residual stream and the branch in one dtype, so under autocast
+        # the triton backend holds the residual stream in the compute dtype (bf16/fp16); the other
+        # backends keep PyTorch's autocast behaviour (a float32 residual stream).
+        self.residual_in_compute_dtype = config.backend == "triton"
         self.apply(self._init_weights)
 
     @staticmethod
@@ -143,6 +147,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (B, T, C)
+        if self.residual_in_compute_dtype and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         ln1 = self.blocks[0].ln1 if self.blocks else self.ln_f
         h = self.ops.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)  # (B, T, C)
         for i, block in enumerate(self.blocks):
