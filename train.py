@@ -477,7 +477,7 @@ def train(args, rank: int, world: int, local_rank: int) -> int:
                 if dtype != torch.float32 else nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     micro_batch = args.batch_size // world // args.grad_accum
-    steps = _TrainSteps(model, raw_model, optimizer, scaler, autocast, train_data, val_data, micro_batch,
+    steps = TrainSteps(model, raw_model, optimizer, scaler, autocast, train_data, val_data, micro_batch,
                         args, device, rank, world, start_iter, use_graphs)
     plot = _Plot(args.plot) if args.plot is not None and is_main else None
 
@@ -586,7 +586,7 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-class _TrainSteps:
+class TrainSteps:
     """The training step and the evaluation, eager or replayed from CUDA graphs.
 
     No host synchronisation inside a step: batches are sampled on the device, and a non-finite loss
