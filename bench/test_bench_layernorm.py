@@ -17,11 +17,10 @@ Implementation extras (our dweight/dbias partials, torch's dropout mask) are not
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.testing
 
-HAS_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+from bench.conftest import do_bench_us, gpu_info, requires_cuda
+
+pytestmark = requires_cuda
 
 EPS = 1e-5
 DROPOUT_P = 0.2
@@ -32,20 +31,6 @@ CASES = [pytest.param("layer_norm", p, id=f"layer_norm-{p}") for p in ("triton",
 ]
 SHAPES = [pytest.param(s, id=f"{s[0]}x{s[1]}") for s in [(16384, 384), (16384, 1024), (4096, 4097)]]
 BENCH_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
-
-
-def _gpu_info() -> dict:
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-    }
-
-
-def _do_bench_us(fn, grad_to_none=None) -> float:
-    """Median GPU time of fn in microseconds (do_bench flushes the L2 between calls)."""
-    return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median") * 1e3
 
 
 def _torch_layer_norm(x, weight, bias):
@@ -115,11 +100,11 @@ def test_bench_layernorm(benchmark, op, provider, mode, shape, dtype):
 
     fn()  # compile (torch.compile, Triton) outside the timing
     torch.cuda.synchronize()
-    median_us = _do_bench_us(fn, grad_to_none=leaves)
+    median_us = do_bench_us(fn, grad_to_none=leaves)
     gb_per_s = _bytes(op, mode, n_rows, n_cols, dtype) / (median_us * 1e-6) / 1e9
 
     benchmark.group = f"{op} {mode} {n_rows}x{n_cols} {str(dtype).removeprefix('torch.')}"
-    benchmark.extra_info.update(_gpu_info())
+    benchmark.extra_info.update(gpu_info(dtype))
     benchmark.extra_info.update({
         "op": op, "provider": provider, "mode": mode, "shape": list(shape),
         "dtype": str(dtype), "do_bench_median_us": round(median_us, 2), "gb_per_s": round(gb_per_s, 1),
