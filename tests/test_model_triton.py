@@ -125,3 +125,16 @@ def test_train_py_with_the_triton_backend(tmp_path, capsys):
     # The checkpoint loads into the reference backend as it is.
     ref = GPT(GPTConfig(**{**ckpt["config"], "backend": "reference"}))
     ref.load_state_dict(ckpt["model"], strict=True)
+
+
+def test_train_py_compile_with_the_triton_backend(tmp_path, capsys):
+    """--compile runs the whole loop through torch.compile (inductor) with our custom ops inside."""
+    corpus = tmp_path / "input.txt"
+    corpus.write_text(("Now is the winter of our discontent made glorious summer.\n" * 40))
+    flags = [*TINY_FLAGS, "--max-iters", "10", "--eval-interval", "5", "--eval-iters", "2", "--batch-size", "4",
+             "--sample-tokens", "5", "--data", str(corpus), "--out", str(tmp_path / "m.pth"), "--backend", "triton",
+             "--dtype", "float32", "--compile"]
+    assert train.main(flags) == 0
+    stdout, _ = capsys.readouterr()
+    vals = [float(ln.split()[-1]) for ln in stdout.splitlines() if ln.startswith("step ")]
+    assert len(vals) == 3 and all(map(lambda v: 0 < v < 10, vals))
