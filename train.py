@@ -358,20 +358,24 @@ def _fmt_seconds(s: float) -> str:
 
 
 class _Interrupt:
-    """SIGINT sets a flag that the loop checks between steps; a second SIGINT stops at once."""
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) sets a flag that the loop checks between
+    steps, to checkpoint and exit; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.requested = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        if self.requested:
-            signal.signal(signal.SIGINT, self._previous)
+        if self.requested is not None:
+            self.restore()
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def restore(self):
-        signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class _Plot:
@@ -545,8 +549,8 @@ def train(args, rank: int, world: int, local_rank: int) -> int:
             if interrupt is not None and interrupt.requested:
                 checkpoint(it + 1)
                 if is_main:
-                    print(f"interrupted after iteration {it + 1}: checkpoint saved to {args.out} "
-                          f"(continue with --resume {args.out})", file=sys.stderr, flush=True)
+                    print(f"interrupted ({interrupt.requested}) after iteration {it + 1}: checkpoint saved to "
+                          f"{args.out} (continue with --resume {args.out})", file=sys.stderr, flush=True)
                 return 130
         bad = steps.first_nonfinite()
         if bad is not None:

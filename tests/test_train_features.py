@@ -154,7 +154,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys)
     assert ckpt["iter"] <= int(line.split("iteration ")[1].split(";")[0])
 
 
-def test_sigint_writes_a_checkpoint_and_exits(corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_writes_a_checkpoint_and_exits(sig, corpus, tmp_path):
     out = tmp_path / "m.pth"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *SMALL, "--data", str(corpus), "--max-iters", "100000",
@@ -163,7 +164,7 @@ def test_sigint_writes_a_checkpoint_and_exits(corpus, tmp_path):
     )
     try:
         assert "iter 20/" in proc.stderr.readline() or "iter 20/" in proc.stderr.readline()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -172,7 +173,7 @@ def test_sigint_writes_a_checkpoint_and_exits(corpus, tmp_path):
     assert f"checkpoint saved to {out}" in err and f"--resume {out}" in err
     ckpt = torch.load(out, weights_only=True)
     assert 20 <= ckpt["iter"] < 100000
-    assert f"after iteration {ckpt['iter']}:" in err
+    assert f"interrupted ({sig.name}) after iteration {ckpt['iter']}:" in err
 
 
 @pytest.mark.parametrize(
