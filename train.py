@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -507,8 +508,8 @@ def train(args, rank: int, world: int, local_rank: int) -> int:
     t_train0 = time.perf_counter()
     startup, eval_time = t_train0 - t_start, 0.0
     t_log, steps_since_log = time.perf_counter(), 0
-    interrupt = _Interrupt() if threading_main() else None
-    it = start_iter
+    # Signal handlers can only be installed from the main thread (not so when embedded elsewhere).
+    interrupt = _Interrupt() if threading.current_thread() is threading.main_thread() else None
     try:
         for it in range(start_iter, args.max_iters):
             if it % args.eval_interval == 0 or it == args.max_iters - 1:
@@ -547,6 +548,9 @@ def train(args, rank: int, world: int, local_rank: int) -> int:
                           file=sys.stderr, flush=True)
                 t_log, steps_since_log = now, 0
             if interrupt is not None and interrupt.requested:
+                bad = steps.first_nonfinite()
+                if bad is not None:
+                    stop_nonfinite(bad, "training")
                 checkpoint(it + 1)
                 if is_main:
                     print(f"interrupted ({interrupt.requested}) after iteration {it + 1}: checkpoint saved to "
@@ -582,12 +586,6 @@ def train(args, rank: int, world: int, local_rank: int) -> int:
               f"{eval_time:.1f} + sampling {sample_time:.1f}; {tok_s:,.0f} tok/s; MFU {mfu}; "
               f"checkpoint {args.out}", file=sys.stderr, flush=True)
     return 0
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 class TrainSteps:
