@@ -218,6 +218,9 @@ def _resolve_backend_dtype(args, device, head_dim: int):
             # The interpreter must be chosen before triton is first imported (kernels import it).
             if "triton" not in sys.modules:
                 os.environ["TRITON_INTERPRET"] = "1"
+            elif os.environ.get("TRITON_INTERPRET") != "1":
+                raise UsageError("--backend triton on the CPU needs Triton's interpreter, which this process "
+                                 "can no longer switch on (triton is already imported); use --device cuda")
         try:
             from kernels.attention import MAX_HEAD_DIM
         except ImportError:

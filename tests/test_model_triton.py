@@ -109,15 +109,22 @@ def test_model_compiles_without_graph_breaks(backend, device):
         torch.testing.assert_close(g, p.grad, msg=lambda m: f"{name}: {m}")
 
 
-def test_train_py_with_the_triton_backend(tmp_path, capsys):
+def _on(device):
+    """TINY_FLAGS for the test's device: the interpreter on the CPU, compiled kernels on a GPU."""
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--device") + 1] = device.type
+    return flags
+
+
+def test_train_py_with_the_triton_backend(tmp_path, capsys, device):
     corpus = tmp_path / "input.txt"
     corpus.write_text(("All the world's a stage, and all the men and women merely players.\n" * 40))
     out = tmp_path / "m.pth"
-    flags = [*TINY_FLAGS, "--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--batch-size", "4",
+    flags = [*_on(device), "--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--batch-size", "4",
              "--data", str(corpus), "--out", str(out), "--backend", "triton", "--dtype", "float32"]
     assert train.main(flags) == 0
     stdout, stderr = capsys.readouterr()
-    assert "Triton's interpreter" in stderr
+    assert ("Triton's interpreter" in stderr) == (device.type == "cpu")
     vals = [float(ln.split()[-1]) for ln in stdout.splitlines() if ln.startswith("step ")]
     assert len(vals) == 3 and vals[-1] < vals[0]
     ckpt = torch.load(out, weights_only=True)
@@ -127,11 +134,11 @@ def test_train_py_with_the_triton_backend(tmp_path, capsys):
     ref.load_state_dict(ckpt["model"], strict=True)
 
 
-def test_train_py_compile_with_the_triton_backend(tmp_path, capsys):
+def test_train_py_compile_with_the_triton_backend(tmp_path, capsys, device):
     """--compile runs the whole loop through torch.compile (inductor) with our custom ops inside."""
     corpus = tmp_path / "input.txt"
     corpus.write_text(("Now is the winter of our discontent made glorious summer.\n" * 40))
-    flags = [*TINY_FLAGS, "--max-iters", "10", "--eval-interval", "5", "--eval-iters", "2", "--batch-size", "4",
+    flags = [*_on(device), "--max-iters", "10", "--eval-interval", "5", "--eval-iters", "2", "--batch-size", "4",
              "--sample-tokens", "5", "--data", str(corpus), "--out", str(tmp_path / "m.pth"), "--backend", "triton",
              "--dtype", "float32", "--compile"]
     assert train.main(flags) == 0
