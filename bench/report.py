@@ -2,14 +2,15 @@
 
     python bench/report.py            # about 5 minutes on an H100; data/input.txt must be present
 
-Stages, each in a subprocess with its own time limit, so one that fails or overruns still leaves
-the others' figures:
-  1. the kernel and model tests on the GPU (bf16 included): tests/test_attention.py,
-     tests/test_layernorm.py, tests/test_model_triton.py;
-  2. the benchmarks (pytest bench --benchmark-only): attention, LayerNorm at the model's width,
-     the training step and evaluation batch of every loop;
-  3. a short training comparison: --max-iters 500 with the triton backend in bf16 and the reference
-     backend in fp32, same seed, their val losses side by side.
+Stages, in subprocesses with time limits, so one that fails or overruns still leaves the others'
+figures:
+  1. side by side: the kernel and model tests on the GPU (bf16 included: tests/test_attention.py,
+     tests/test_layernorm.py, tests/test_model_triton.py, in shards), and a short training
+     comparison: --max-iters 500 with the triton backend in bf16 and the reference backend in fp32,
+     same seed, their val losses side by side;
+  2. then alone, one file after another: the benchmarks (pytest bench --benchmark-only):
+     attention, LayerNorm at the model's width, the training step and evaluation batch of every
+     loop.
 It prints a table last, appends a dated section to bench/RESULTS.md, and writes that section, the
 raw figures (JSON) and a PNG comparing ours with the peers to --out-dir (the PNG needs matplotlib; without it,
 `python bench/report.py --plot-only JSON PNG` draws it later from the JSON on another machine).
@@ -30,7 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
-TEST_FILES = ["tests/test_attention.py", "tests/test_layernorm.py", "tests/test_model_triton.py"]
 # Attention at both shapes; LayerNorm at the model's width only (its compiled peers take long to
 # build); every training-step loop.
 # Each with its time limit in seconds; the whole report stays within about 5 minutes.
@@ -39,29 +39,80 @@ BENCH_SELECTION = [
     ("bench/test_bench_layernorm.py", "16384x384", 60),
     ("bench/test_bench_train_step.py", None, 100),
 ]
-TESTS_TIMEOUT_S = 100
-TRAINING_TIMEOUT_S = 60  # each of the two runs
+# The tests (in shards) and the training comparison run side by side, their Triton compiles on
+# separate cores; the benchmarks then run alone, one file after another, so nothing disturbs them.
+TEST_SHARDS = {
+    "attention-dropout": ["tests/test_attention.py", "-k", "dropout or seed or kept or mask"],
+    "attention-rest": ["tests/test_attention.py", "-k", "not (dropout or seed or kept or mask)"],
+    "layernorm": ["tests/test_layernorm.py"],
+    "model-triton": ["tests/test_model_triton.py"],
+}
+PARALLEL_STAGE_TIMEOUT_S = 150
 STEP_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)$")
 
 
-def _run(cmd, timeout, env=None):
-    """(returncode or 'timeout', stdout, stderr, seconds) of a subprocess in the repository root."""
+def _run_all(cmds: dict, timeout: float) -> dict:
+    """Run the commands side by side in the repository root; {name: (returncode or 'timeout', stdout,
+    stderr, seconds)}. Whatever is still running at the deadline is killed."""
+    import tempfile
+
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-        return p.returncode, p.stdout, p.stderr, time.perf_counter() - t0
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        return "timeout", out, err, time.perf_counter() - t0
+    procs = {}
+    for name, cmd in cmds.items():
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True), out, err)
+    results = {}
+    for name, (proc, out, err) in procs.items():
+        try:
+            code = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = "timeout"
+        out.seek(0)
+        err.seek(0)
+        results[name] = (code, out.read(), err.read(), time.perf_counter() - t0)
+    return results
 
 
-def run_tests(timeout):
-    code, out, err, secs = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES],
-                                timeout)
-    summary = next((ln for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed)", ln)), "")
-    failures = [ln for ln in out.splitlines() if ln.startswith("FAILED")]
-    return {"returncode": code, "summary": summary.strip("= "), "failures": failures[:20], "seconds": round(secs, 1)}
+def _test_commands():
+    return {name: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+            for name, args in TEST_SHARDS.items()}
+
+
+def _training_commands(iters, eval_interval, eval_iters):
+    runs = {"triton-bf16": ["--backend", "triton", "--dtype", "bfloat16"],
+            "reference-fp32": ["--backend", "reference", "--dtype", "float32", "--no-cuda-graphs"]}
+    return {f"train:{name}": [sys.executable, "train.py", *flags, "--max-iters", str(iters), "--eval-interval",
+                              str(eval_interval), "--eval-iters", str(eval_iters), "--sample-tokens", "0",
+                              "--log-interval", "0", "--out", f"/tmp/report-{name}.pth"]
+            for name, flags in runs.items()}
+
+
+def summarize_tests(results):
+    counts, failures, codes, secs = {}, [], {}, 0.0
+    for name, (code, out, _, t) in results.items():
+        codes[name] = code
+        secs = max(secs, t)
+        last = next((ln for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed|skipped)", ln)), "")
+        for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", last):
+            counts[word] = counts.get(word, 0) + int(n)
+        failures += [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    summary = ", ".join(f"{n} {w}" for w, n in counts.items())
+    bad = {k: v for k, v in codes.items() if v != 0}
+    if bad:
+        summary += f" (shards not clean: {bad})"
+    return {"summary": summary, "failures": failures[:20], "seconds": round(secs, 1), "returncodes": codes}
+
+
+def summarize_training(results, cmds):
+    runs = {}
+    for key, (code, out, err, secs) in results.items():
+        name = key.removeprefix("train:")
+        steps = [(int(m[1]), float(m[2]), float(m[3])) for m in map(STEP_LINE.match, out.splitlines()) if m]
+        runs[name] = {"returncode": code, "steps": steps, "wall_s": round(secs, 1),
+                      "command": " ".join(["python", *cmds[key][1:]]), "error": err[-800:] if code != 0 else ""}
+    return runs
 
 
 def run_benchmarks(out_dir):
@@ -72,7 +123,7 @@ def run_benchmarks(out_dir):
                f"--benchmark-json={json_path}"]
         if select:
             cmd += ["-k", select]
-        code, out, err, secs = _run(cmd, timeout)
+        code, out, err, secs = _run_all({path: cmd}, timeout)[path]
         notes.append(f"{path}: {code} in {secs:.0f} s")
         if json_path.exists():
             for b in json.loads(json_path.read_text())["benchmarks"]:
@@ -80,21 +131,6 @@ def run_benchmarks(out_dir):
         elif code != 0:
             notes.append((out + err)[-1500:])
     return results, notes
-
-
-def run_training(iters, eval_interval, eval_iters, timeout):
-    runs = {}
-    for name, flags in (("triton-bf16", ["--backend", "triton", "--dtype", "bfloat16"]),
-                        ("reference-fp32", ["--backend", "reference", "--dtype", "float32", "--no-cuda-graphs"])):
-        out_path = f"/tmp/report-{name}.pth"
-        cmd = [sys.executable, "train.py", *flags, "--max-iters", str(iters), "--eval-interval", str(eval_interval),
-               "--eval-iters", str(eval_iters), "--sample-tokens", "0", "--log-interval", "0", "--out", out_path]
-        code, out, err, secs = _run(cmd, timeout)
-        steps = [(int(m[1]), float(m[2]), float(m[3])) for m in map(STEP_LINE.match, out.splitlines()) if m]
-        timing = next((ln for ln in err.splitlines() if ln.startswith("time:")), "")
-        runs[name] = {"returncode": code, "steps": steps, "timing": timing, "wall_s": round(secs, 1),
-                      "command": " ".join(["python", *cmd[1:]]), "error": err[-800:] if code != 0 else ""}
-    return runs
 
 
 # ----------------------------------------------------------------------------- tables
@@ -164,8 +200,9 @@ def training_table(runs):
         diff = f"{vals[0] - vals[1]:+.4f}" if len(vals) == 2 and None not in vals else "-"
         lines.append(f"| {step} | " + " | ".join(_fmt(v, 4) for v in vals) + f" | {diff} |")
     for n in names:
-        lines.append(f"\n{n}: `{runs[n]['command']}` -> {runs[n]['timing'] or runs[n]['returncode']} "
-                     f"(wall {runs[n]['wall_s']} s)")
+        status = "" if runs[n]["returncode"] == 0 else f" (exit {runs[n]['returncode']}: {runs[n]['error'][-200:]})"
+        lines.append(f"\n{n}: `{runs[n]['command']}`{status}")
+    lines.append("\n(These runs share the GPU with the tests, so their times are not reported.)")
     return lines
 
 
@@ -202,7 +239,8 @@ def render(report) -> str:
     parts = [f"## {report['date']}: {report['gpu']}", "",
              f"torch {report['torch']}, Triton {report['triton']}, CUDA {report['cuda']}, Python {report['python']}. "
              f"Command: `{report['command']}`.", "",
-             f"Tests on the GPU ({', '.join(TEST_FILES)}): {report['tests'].get('summary') or report['tests']} "
+             f"Tests on the GPU ({', '.join(sorted({a[0] for a in TEST_SHARDS.values()}))}): "
+             f"{report['tests'].get('summary') or 'not run'} "
              f"in {report['tests'].get('seconds')} s."]
     parts += [f"- {f}" for f in report["tests"].get("failures", [])]
     parts += ["", "Attention, GPU time (triton.testing.do_bench median), causal, bf16:", "",
@@ -250,14 +288,23 @@ def main(argv=None):
         "command": "python bench/report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "tests": {}, "benchmarks": [], "bench_notes": [], "training": {},
     }
+    cmds = {}
     if "tests" not in args.skip:
-        report["tests"] = run_tests(TESTS_TIMEOUT_S)
-        print(f"tests: {report['tests']['summary']} ({report['tests']['seconds']} s)", file=sys.stderr, flush=True)
+        cmds.update(_test_commands())
+    if "training" not in args.skip:
+        cmds.update(_training_commands(args.iters, args.iters // 2, 50))
+    if cmds:
+        done = _run_all(cmds, PARALLEL_STAGE_TIMEOUT_S)
+        tests = {k: v for k, v in done.items() if not k.startswith("train:")}
+        if tests:
+            report["tests"] = summarize_tests(tests)
+            print(f"tests: {report['tests']['summary']} ({report['tests']['seconds']} s)", file=sys.stderr, flush=True)
+        training = {k: v for k, v in done.items() if k.startswith("train:")}
+        if training:
+            report["training"] = summarize_training(training, cmds)
     if "bench" not in args.skip:
         report["benchmarks"], report["bench_notes"] = run_benchmarks(args.out_dir)
         print("benchmarks: " + "; ".join(n for n in report["bench_notes"] if len(n) < 200), file=sys.stderr, flush=True)
-    if "training" not in args.skip:
-        report["training"] = run_training(args.iters, args.iters // 2, 50, TRAINING_TIMEOUT_S)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     json_path = args.out_dir / "report.json"
     json_path.write_text(json.dumps(report, indent=1))

@@ -50,3 +50,21 @@ def test_plot_only_from_saved_json(tmp_path):
     saved.write_text(json.dumps(_report()))
     assert rep.main(["--plot-only", str(saved), str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").exists()
+
+
+def test_parallel_stage_collects_each_command(tmp_path):
+    """Commands run side by side; a pytest summary is read back; an overrun is killed and says so."""
+    passing = tmp_path / "test_ok.py"
+    passing.write_text("def test_a():\n    pass\n\ndef test_b():\n    assert 1\n")
+    failing = tmp_path / "test_bad.py"
+    failing.write_text("def test_c():\n    assert 0\n")
+    import sys
+
+    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)]
+    done = rep._run_all({"ok": [*pytest_cmd, str(passing)], "bad": [*pytest_cmd, str(failing)],
+                         "slow": [sys.executable, "-c", "import time; time.sleep(60)"]}, timeout=10)
+    assert done["slow"][0] == "timeout"
+    summary = rep.summarize_tests({k: v for k, v in done.items() if k != "slow"})
+    assert summary["summary"].startswith("2 passed, 1 failed") or summary["summary"].startswith("1 failed, 2 passed")
+    assert "shards not clean: {'bad': 1}" in summary["summary"]
+    assert any("test_c" in f for f in summary["failures"])
