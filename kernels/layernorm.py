@@ -20,8 +20,13 @@ dweight and dbias are reduced without atomics: the backward grid has a fixed num
 each walks a fixed set of row blocks and keeps fp32 partial sums in registers, writes one row of
 partials, and one torch .sum over those rows finishes the job. Same device, same bits, every run.
 
-Dropout bits are not stored: tl.rand(seed, row * C + col) is drawn again in backward (int64 element
-indices, so more than 2^31 elements are fine). `dropout_keep_mask` runs the same helper.
+Dropout bits are not stored: backward draws them again with the forward's helper, `_dropout_keep`,
+which `dropout_keep_mask` runs too. Philox (tl.randint4x, the generator behind tl.rand) returns four
+32-bit words per counter. Element (row, col) of x viewed as (rows, C) takes word col % 4 of counter
+row * ceil(C / 4) + col // 4, mapped to [0, 1) as tl.rand does, and is kept when that is >= p. One
+Philox call thus serves four columns, and the bits depend on (seed, row, col) only, never on ROWS,
+BLOCK_C or the grid. The counter is an int64 (Philox takes its low and high halves as two of its
+32-bit counters), so it never wraps.
 """
 
 from __future__ import annotations
@@ -43,9 +48,17 @@ _INTERPRETER_SMS = 2  # the "SM count" used off the GPU (Triton's interpreter)
 
 
 @triton.jit
-def _dropout_keep(seed, offs, dropout_p):
-    """Keep decision for elements at int64 index offs: uniform in [0, 1) from Philox, kept if >= p."""
-    return tl.rand(seed, offs) >= dropout_p
+def _dropout_keep(seed, rows, offs_g, n_groups, dropout_p):
+    """Bool keep mask (len(rows), 4 * len(offs_g)) for int64 row indices rows and column groups offs_g.
+
+    n_groups = ceil(C / 4); column 4 g + w is kept when word w of counter row * n_groups + g is >= p.
+    Columns past C draw counters that belong to the next row; callers mask them out.
+    """
+    counter = rows[:, None] * n_groups + offs_g[None, :]  # (ROWS, BLOCK_C / 4) int64
+    r0, r1, r2, r3 = tl.rand4x(seed, counter)
+    # [r0, r2] and [r1, r3] interleaved, then interleaved again: column 4 g + w holds word w of group g.
+    u = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # (ROWS, BLOCK_C)
+    return u >= dropout_p
 
 
 @triton.jit
@@ -58,19 +71,21 @@ def _ln_fwd_kernel(
 ):
     # One program normalizes ROWS rows held as a [ROWS, BLOCK_C] block.
     tl.static_assert(ROWS * BLOCK_C <= 16384, "a program's block must fit in registers")
+    tl.static_assert(BLOCK_C % 4 == 0, "a block holds whole groups of four columns (dropout bits)")
     pid = tl.program_id(0)
     offs_r = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
     mask_r = offs_r < n_rows
     mask_c = offs_c < n_cols
     mask = mask_r[:, None] & mask_c[None, :]  # (ROWS, BLOCK_C)
-    # Element index row * C + col in int64: addresses and dropout counters past 2^31 stay exact.
+    # Element index row * C + col in int64: addresses past 2^31 stay exact.
     offs = offs_r.to(tl.int64)[:, None] * n_cols + offs_c[None, :]  # (ROWS, BLOCK_C)
 
     # s = residual + dropout(x) in fp32 (just x for a plain layer norm); masked lanes hold 0.
     s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _dropout_keep(tl.load(seed_ptr), offs, dropout_p)
+        offs_g = tl.arange(0, BLOCK_C // 4)  # (BLOCK_C / 4,)
+        keep = _dropout_keep(tl.load(seed_ptr), offs_r.to(tl.int64), offs_g, (n_cols + 3) // 4, dropout_p)
         s = tl.where(keep, s * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         s += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -103,6 +118,7 @@ def _ln_bwd_kernel(
     # Program pid handles row blocks pid, pid + P, pid + 2P, ... (P = number of programs), so which
     # rows feed which partial sum, and in what order, depends only on the shape and P.
     tl.static_assert(ROWS * BLOCK_C <= 16384, "a program's block must fit in registers")
+    tl.static_assert(BLOCK_C % 4 == 0, "a block holds whole groups of four columns (dropout bits)")
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rows, ROWS)
@@ -115,6 +131,8 @@ def _ln_bwd_kernel(
         acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
+        offs_g = tl.arange(0, BLOCK_C // 4)  # (BLOCK_C / 4,)
+        n_groups = (n_cols + 3) // 4
 
     for block in range(pid, n_blocks, n_progs):
         offs_r = block * ROWS + tl.arange(0, ROWS)  # (ROWS,)
@@ -140,7 +158,7 @@ def _ln_bwd_kernel(
         if HAS_DS:
             ds += tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offs, dropout_p)
+            keep = _dropout_keep(seed, offs_r.to(tl.int64), offs_g, n_groups, dropout_p)
             tl.store(dres_ptr + offs, ds.to(dres_ptr.dtype.element_ty), mask=mask)
             tl.store(dx_ptr + offs, tl.where(keep, ds * dropout_scale, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
         else:
@@ -155,19 +173,24 @@ def _ln_bwd_kernel(
 @triton.jit
 def _dropout_mask_kernel(seed_ptr, keep_ptr, n_rows, n_cols, dropout_p,
                          BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    # The same tiles and the same element indices as _ln_fwd_kernel, so the same bits.
+    # The same helper as the forward and backward kernels; the bits depend on (seed, row, col) only.
+    tl.static_assert(BLOCK_C % 4 == 0, "a block holds whole groups of four columns")
     pid = tl.program_id(0)
     offs_r = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
     mask = (offs_r < n_rows)[:, None] & (offs_c < n_cols)[None, :]  # (ROWS, BLOCK_C)
     offs = offs_r.to(tl.int64)[:, None] * n_cols + offs_c[None, :]  # (ROWS, BLOCK_C)
-    keep = _dropout_keep(tl.load(seed_ptr), offs, dropout_p)
+    offs_g = tl.arange(0, BLOCK_C // 4)  # (BLOCK_C / 4,)
+    keep = _dropout_keep(tl.load(seed_ptr), offs_r.to(tl.int64), offs_g, (n_cols + 3) // 4, dropout_p)
     tl.store(keep_ptr + offs, keep.to(tl.int8), mask=mask)
 
 
 def _config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_C, ROWS, num_warps) for a width: about 4096 elements a program, 16 a thread at most."""
-    block_c = triton.next_power_of_2(n_cols)
+    """(BLOCK_C, ROWS, num_warps) for a width: about 4096 elements a program, 16 a thread at most.
+
+    BLOCK_C is at least 4: the dropout bits come in groups of four columns.
+    """
+    block_c = max(4, triton.next_power_of_2(n_cols))
     rows = max(1, min(64, 4096 // block_c))
     num_warps = max(1, min(16, rows * block_c // 512))
     return block_c, rows, num_warps
@@ -352,7 +375,7 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
 
     Dropout keeps an element with probability 1 - dropout_p and scales it by 1 / (1 - dropout_p);
     its bits depend only on seed (an int, a 1-element integer tensor, or None to draw one from
-    torch's generator) and the element's index in x viewed as (rows, C): see dropout_keep_mask.
+    torch's generator) and the element's (row, col) in x viewed as (rows, C): see dropout_keep_mask.
     """
     n_cols = _check(x, residual, weight, bias, eps)
     eps = float(eps)
@@ -368,7 +391,11 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
 
 
 def dropout_keep_mask(seed, n_rows, n_cols, dropout_p, device):
-    """The bool (n_rows, n_cols) mask of elements add_layer_norm keeps for this seed and p."""
+    """The bool (n_rows, n_cols) mask of elements add_layer_norm keeps for this seed and p.
+
+    Drawn by the kernels' own helper: (row, col) is kept when word col % 4 of Philox counter
+    row * ceil(n_cols / 4) + col // 4 (key seed), mapped to [0, 1) as tl.rand does, is >= p.
+    """
     dropout_p = check_dropout_p(dropout_p)
     device = torch.device(device)
     seed_t = seed_tensor(seed, device)  # (1,) int64

@@ -1,6 +1,7 @@
 """kernels.layer_norm and kernels.add_layer_norm against the float64 reference, forward and every
 gradient, plus dropout bits, determinism, the inference path and bad input."""
 
+import itertools
 import math
 
 import numpy as np
@@ -166,30 +167,52 @@ def test_dweight_dbias_bitwise_repeatable(device):
     assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
 
 
+def _binomial_close(keep, prob, what):
+    """The count of True in keep is within 6 standard deviations of keep.numel() * prob."""
+    n, count = keep.numel(), keep.sum().item()
+    sigma = math.sqrt(n * prob * (1 - prob))
+    assert abs(count - n * prob) <= 6 * sigma, f"{what}: {count} of {n}, expected {n * prob:.0f} +- {sigma:.0f}"
+
+
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
 def test_kept_fraction_is_one_minus_p(dropout_p, device):
     n_rows, n_cols = 256, 1000
     keep = ln.dropout_keep_mask(99, n_rows, n_cols, dropout_p, device)  # (rows, C)
     assert keep.dtype == torch.bool and keep.shape == (n_rows, n_cols)
-    n = n_rows * n_cols
-    sigma = math.sqrt(dropout_p * (1 - dropout_p) / n)
-    frac = keep.float().mean().item()
-    assert abs(frac - (1 - dropout_p)) < 6 * sigma, f"kept {frac:.4f}, expected {1 - dropout_p} +- {6 * sigma:.4f}"
+    keep = keep.cpu()
+    _binomial_close(keep, 1 - dropout_p, "kept")
+    # Each of the four Philox words, and two words of one group together, look independent.
+    for word in range(4):
+        _binomial_close(keep[:, word::4], 1 - dropout_p, f"kept at col % 4 == {word}")
+    for w1, w2 in itertools.combinations(range(4), 2):
+        _binomial_close(keep[:, w1::4] & keep[:, w2::4], (1 - dropout_p) ** 2, f"kept at words {w1} and {w2}")
 
 
-def test_dropout_bits_keyed_on_element_index(device):
-    """The bits depend on row * C + col only, not on how the elements are split into rows."""
-    flat = ln.dropout_keep_mask(5, 1, 60, 0.5, device)  # (1, 60)
-    assert torch.equal(ln.dropout_keep_mask(5, 6, 10, 0.5, device), flat.view(6, 10))
-    assert torch.equal(ln.dropout_keep_mask(5, 60, 1, 0.5, device), flat.view(60, 1))
-    assert torch.equal(ln.dropout_keep_mask(torch.tensor(5), 6, 10, 0.5, device), flat.view(6, 10))
+def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
+    """The bits depend on (seed, row, col) only: not on ROWS, BLOCK_C, the grid, the number of rows
+    or the seed's type; forward and backward apply them under any tiling."""
+    n_rows, n_cols, p = 37, 33, 0.5
+    want = ln.dropout_keep_mask(5, n_rows, n_cols, p, device)  # (rows, C)
+    assert 0 < want.sum() < want.numel()
+    assert torch.equal(ln.dropout_keep_mask(5, 3, n_cols, p, device), want[:3])
+    assert torch.equal(ln.dropout_keep_mask(torch.tensor(5), n_rows, n_cols, p, device), want)
+    x, r = torch.ones(n_rows, n_cols, device=device), torch.zeros(n_rows, n_cols, device=device)
+    for block_c, rows in [(64, 1), (128, 4)]:
+        monkeypatch.setattr(ln, "_config", lambda c, bc=block_c, rs=rows: (bc, rs, 1))
+        tiling = f"BLOCK_C={block_c}, ROWS={rows}"
+        assert torch.equal(ln.dropout_keep_mask(5, n_rows, n_cols, p, device), want), tiling
+        # s = r + x * keep / (1 - p) = 2 keep, and with the loss sum(s), dx = keep / (1 - p) = 2 keep.
+        (_, s), (dx, _, _, _) = _run(lambda *a: kernels.add_layer_norm(*a, dropout_p=p, seed=5),
+                                     [x, r, None, None], [None, torch.ones_like(x)])
+        assert torch.equal(s, 2 * want.float()) and torch.equal(dx, 2 * want.float()), tiling
 
 
-def _philox_uniform(seed: int, index: np.ndarray) -> np.ndarray:
-    """tl.rand(seed, index) written out: Philox4x32-10 on counter (index lo, index hi, 0, 0) and key
-    (seed lo, seed hi); the first word, folded to a non-negative int32, times 2^-31 in fp32."""
+def _philox_uniforms(seed: int, counter: np.ndarray) -> np.ndarray:
+    """tl.rand4x(seed, counter) written out, shape (4, *counter.shape): Philox4x32-10 on counter
+    (counter lo, counter hi, 0, 0) and key (seed lo, seed hi); each of the four output words folded
+    to a non-negative int32, times 2^-31 in fp32."""
     u32 = lambda v: np.asarray(v, dtype=np.uint64) & np.uint64(0xFFFFFFFF)  # noqa: E731
-    c0, c1 = u32(index), u32(index.astype(np.uint64) >> np.uint64(32))
+    c0, c1 = u32(counter), u32(counter.astype(np.uint64) >> np.uint64(32))
     c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
     k0, k1 = u32(seed), u32(seed >> 32)
     A, B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -197,18 +220,24 @@ def _philox_uniform(seed: int, index: np.ndarray) -> np.ndarray:
         c0, c1, c2, c3 = (u32((B * c2) >> np.uint64(32)) ^ c1 ^ k0, u32(B * c2),
                           u32((A * c0) >> np.uint64(32)) ^ c3 ^ k1, u32(A * c0))
         k0, k1 = u32(k0 + np.uint64(0x9E3779B9)), u32(k1 + np.uint64(0xBB67AE85))
-    x = c0.astype(np.uint32).view(np.int32)
+    x = np.stack([c0, c1, c2, c3]).astype(np.uint32).view(np.int32)
     x = np.where(x < 0, ~x, x)
     return x.astype(np.float32) * np.float32(4.6566127342e-10)
 
 
-@pytest.mark.parametrize("seed", [0, 2**40 + 12345])
-def test_dropout_bits_are_philox_of_seed_and_element_index(seed, device):
-    """Bit-exact against an independent Philox: keep = tl.rand(seed, row * C + col) >= p."""
-    n_rows, n_cols, p = 37, 129, 0.3
+@pytest.mark.parametrize("n_rows, n_cols", [(37, 129), (7, 33), (5, 64), (9, 3), (6, 1)],
+                         ids=["37x129", "7x33", "5x64", "9x3", "6x1"])
+@pytest.mark.parametrize("seed", [0, 2**40 + 12345])  # the seed's high half matters too
+def test_dropout_bits_are_philox_of_seed_row_and_col(seed, n_rows, n_cols, device):
+    """Bit-exact against an independent Philox: (row, col) is kept when word col % 4 of counter
+    row * ceil(C / 4) + col // 4 is >= p."""
+    p = 0.3
     keep = ln.dropout_keep_mask(seed, n_rows, n_cols, p, device)  # (rows, C)
-    index = np.arange(n_rows * n_cols, dtype=np.int64).reshape(n_rows, n_cols)  # (rows, C)
-    expected = _philox_uniform(seed, index) >= np.float32(p)
+    row = np.arange(n_rows, dtype=np.int64)[:, None]  # (rows, 1)
+    col = np.arange(n_cols, dtype=np.int64)[None, :]  # (1, C)
+    counter = row * ((n_cols + 3) // 4) + col // 4  # (rows, C)
+    words = _philox_uniforms(seed, counter)  # (4, rows, C)
+    expected = np.choose(np.broadcast_to(col % 4, counter.shape), words) >= np.float32(p)  # (rows, C)
     assert np.array_equal(keep.cpu().numpy(), expected)
 
 
