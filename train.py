@@ -70,22 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Model flags default to None so that --resume can tell what was given; None means the seed's value.
     g = p.add_argument_group("model (fixed by the checkpoint when resuming)")
-    g.add_argument("--n-embd", type=int, help=f"width C of the residual stream [{d.n_embd}]")
-    g.add_argument("--n-head", type=int, help=f"attention heads, must divide --n-embd [{d.n_head}]")
-    g.add_argument("--n-layer", type=int, help=f"transformer blocks [{d.n_layer}]")
-    g.add_argument("--block-size", type=int, help=f"context length in characters [{d.block_size}]")
-    g.add_argument("--dropout", type=float, help=f"dropout probability, in [0, 1) [{d.dropout}]")
+    g.add_argument("--n-embd", type=int, metavar="N", help=f"width C of the residual stream [{d.n_embd}]")
+    g.add_argument("--n-head", type=int, metavar="N", help=f"attention heads, must divide --n-embd [{d.n_head}]")
+    g.add_argument("--n-layer", type=int, metavar="N", help=f"transformer blocks [{d.n_layer}]")
+    g.add_argument("--block-size", type=int, metavar="N", help=f"context length in characters [{d.block_size}]")
+    g.add_argument("--dropout", type=float, metavar="P", help=f"dropout probability, in [0, 1) [{d.dropout}]")
     g = p.add_argument_group("training (a resumed run keeps its own values unless given)")
-    g.add_argument("--batch-size", type=int, help="sequences per optimizer step, over all ranks [64]")
-    g.add_argument("--grad-accum", type=int,
+    g.add_argument("--batch-size", type=int, metavar="N", help="sequences per optimizer step, over all ranks [64]")
+    g.add_argument("--grad-accum", type=int, metavar="N",
                    help="micro-batches per optimizer step on each rank; must divide the batch per rank [1]")
-    g.add_argument("--max-iters", type=int, help="optimizer steps in all; a resumed run counts on [5000]")
-    g.add_argument("--learning-rate", type=float, help="AdamW learning rate [3e-4]")
-    g.add_argument("--eval-interval", type=int,
+    g.add_argument("--max-iters", type=int, metavar="N", help="optimizer steps in all; a resumed run counts on [5000]")
+    g.add_argument("--learning-rate", type=float, metavar="LR", help="AdamW learning rate [3e-4]")
+    g.add_argument("--eval-interval", type=int, metavar="N",
                    help="evaluate and checkpoint every this many steps, and at the last step [500]")
-    g.add_argument("--eval-iters", type=int, help="batches per split in each evaluation [200]")
-    g.add_argument("--seed", type=int, help="torch.manual_seed for the run [0]")
-    g.add_argument("--log-interval", type=int, default=100,
+    g.add_argument("--eval-iters", type=int, metavar="N", help="batches per split in each evaluation [200]")
+    g.add_argument("--seed", type=int, metavar="N", help="torch.manual_seed for the run [0]")
+    g.add_argument("--log-interval", type=int, metavar="N", default=100,
                    help="steps between progress lines on standard error, 0 for none [100]")
     g.add_argument("--resume", type=Path, metavar="PATH",
                    help="continue the run saved at PATH: model, optimizer, step, best val loss, random state")
@@ -103,19 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capture the training step and the evaluation forward in CUDA graphs; "
                    "default: on where possible (a GPU, one process, not float16)")
     g = p.add_argument_group("input and output")
-    g.add_argument("--data", type=Path, default=None,
+    g.add_argument("--data", type=Path, metavar="PATH", default=None,
                    help=f"UTF-8 training text [{DEFAULT_DATA_PATH}, downloaded when missing]")
-    g.add_argument("--out", type=Path, default=Path("model.pth"),
+    g.add_argument("--out", type=Path, metavar="PATH", default=Path("model.pth"),
                    help="checkpoint, written at every evaluation and at the end; the best-val one goes "
                    "beside it with .best before the suffix [model.pth]")
     g.add_argument("--plot", type=Path, metavar="PATH", help="write the loss curves as a PNG at each evaluation")
     g = p.add_argument_group("sampling")
-    g.add_argument("--sample-tokens", type=int, default=500, help="characters sampled at the end [500]")
+    g.add_argument("--sample-tokens", type=int, metavar="N", default=500, help="characters sampled at the end [500]")
     g.add_argument("--sample-from", type=Path, metavar="PATH",
                    help="only print a sample from the checkpoint at PATH and exit")
-    g.add_argument("--prompt", default="", help="text the sample continues, with --sample-from [none]")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 [1.0]")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest characters only [all]")
+    g.add_argument("--prompt", metavar="TEXT", default="", help="text the sample continues, with --sample-from [none]")
+    g.add_argument("--temperature", type=float, metavar="T", default=1.0, help="softmax temperature, > 0 [1.0]")
+    g.add_argument("--top-k", type=int, metavar="N", default=None, help="sample among the k likeliest characters only [all]")
     return p
 
 
