@@ -344,14 +344,14 @@ def _set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _mfu_peak(device):
+def mfu_peak(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
 
 
-def _flops_per_token(model, config):
+def flops_per_token(model, config):
     """Training FLOPs per token: 6 per parameter plus attention's 12 * L * T * C (as nanoGPT counts)."""
     return 6 * model.num_parameters() + 12 * config.n_layer * config.block_size * config.n_embd
 
@@ -505,8 +505,8 @@ def train(args, rank: int, world: int, local_rank: int) -> int:
             last = f"; the last good checkpoint is {args.out} (step {load_checkpoint(args.out)['iter']})"
         raise TrainingStopped(f"the {where} loss became NaN or infinite at iteration {bad_iter}{last}")
 
-    peak = _mfu_peak(device)
-    flops_per_step = _flops_per_token(raw_model, config) * args.batch_size * args.block_size
+    peak = mfu_peak(device)
+    flops_per_step = flops_per_token(raw_model, config) * args.batch_size * args.block_size
     tokens_per_step = args.batch_size * args.block_size
     t_train0 = time.perf_counter()
     startup, eval_time = t_train0 - t_start, 0.0
@@ -676,7 +676,8 @@ class TrainSteps:
         bad = int(self.first_bad)
         return bad if bad >= 0 else None
 
-    def _eval_loss(self, xb, yb):
+    def eval_loss(self, xb, yb):
+        """The evaluation loss of one batch (B, T), replayed from a CUDA graph when graphs are on."""
         if not self.use_graphs:
             with self.autocast:
                 return self.eval_model(xb, yb)[1]
@@ -693,7 +694,7 @@ class TrainSteps:
                     self.static_eval_loss = self.eval_model(self.static_x, self.static_y)[1]
             except Exception as e:
                 self._fall_back("evaluation forward", e)
-                return self._eval_loss(xb, yb)
+                return self.eval_loss(xb, yb)
             self.eval_graph = graph
         self.static_x.copy_(xb)
         self.static_y.copy_(yb)
@@ -711,7 +712,7 @@ class TrainSteps:
             for k in range(self.rank, args.eval_iters, self.world):
                 gen.manual_seed(_eval_seed(args.seed, step, split, k))
                 xb, yb = get_batch(data, args.batch_size, args.block_size, gen)  # (B, T) x2
-                sums[split] += self._eval_loss(xb, yb).float()
+                sums[split] += self.eval_loss(xb, yb).float()
         if self.world > 1:
             import torch.distributed as dist
 

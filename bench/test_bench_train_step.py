@@ -88,7 +88,7 @@ class _FastLoop:
     def eval_batch(self):
         self.model.eval()
         xb, yb = get_batch(self.data, B, T, self.gen)
-        loss = self.steps._eval_loss(xb, yb)
+        loss = self.steps.eval_loss(xb, yb)
         self.model.train()
         return loss
 
@@ -131,8 +131,8 @@ def test_train_step(benchmark, loop, mode):
     benchmark.pedantic(lambda: per_call.append(_timed_loop(fn, n)), rounds=3, iterations=1)
     ms = sorted(per_call)[len(per_call) // 2]
     model = runner.model
-    flops = train._flops_per_token(model, model.config) * B * T * (1 if mode == "train-step" else 1 / 3)
-    peak = train._mfu_peak(device)
+    flops = train.flops_per_token(model, model.config) * B * T * (1 if mode == "train-step" else 1 / 3)
+    peak = train.mfu_peak(device)
     benchmark.extra_info.update(gpu_info(torch.bfloat16 if loop != "seed" else torch.float32))
     benchmark.extra_info.update(
         loop=loop, mode=mode, ms_per_step=round(ms, 4), tokens_per_s=round(B * T / ms * 1000),

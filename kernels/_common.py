@@ -36,7 +36,10 @@ def seed_tensor(seed, device: torch.device) -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"a tensor seed must hold one int32/int64 value, got {seed.dtype} of shape {tuple(seed.shape)}")
-        if seed.device != torch.device(device) and not (seed.device.type == torch.device(device).type == "cuda"):
+        want = torch.device(device)
+        # "cuda" and "cuda:0" name one device when the index is left out on one side.
+        if seed.device.type != want.type or (None not in (seed.device.index, want.index)
+                                             and seed.device.index != want.index):
             raise ValueError(f"seed is on {seed.device}, the inputs on {device}")
         return seed.reshape(1).to(torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
