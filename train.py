@@ -724,12 +724,13 @@ class TrainSteps:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    rank = world = local_rank = None
+    rank = world = local_rank = code = None
     try:
         if args.sample_from is not None:
             return sample_from(args)
         rank, world, local_rank = _distributed(args)
-        return train(args, rank, world, local_rank)
+        code = train(args, rank, world, local_rank)
+        return code
     except (UsageError, DataError) as e:
         if not rank:
             print(f"train.py: error: {e}", file=sys.stderr)
@@ -740,10 +741,21 @@ def main(argv=None) -> int:
         return 1
     finally:
         if world and world > 1:
-            import torch.distributed as dist
+            _leave_process_group(clean=code == 0)
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+
+def _leave_process_group(clean: bool) -> None:
+    """Tear down the process group. After a clean finish every rank first meets the others at a
+    barrier, so that no rank closes its connections while a peer is still at work (gloo has aborted a
+    rank that left early). After an error or an interrupt the ranks may not be at the same point, and
+    a barrier could wait forever: skip it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

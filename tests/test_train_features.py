@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -203,9 +204,19 @@ def test_unwritable_out_folder(corpus, tmp_path, capsys):
 
 
 # torchrun's own start-up (a free port picked, then bound again by the store) can lose a race with
-# another process on a busy machine; that, and only that, is retried once.
+# another process on a busy machine; that is retried once. So is one other failure, seen twice (once
+# in CI, once locally) in a few dozen runs before train.py met at a barrier ahead of tearing down the
+# process group: a rank aborting in gloo's teardown ("terminate called") after the whole run,
+# checkpoint included, had finished. Anything else fails at once.
 _RENDEZVOUS_ERRORS = ("Address already in use", "RendezvousConnectionError", "RendezvousTimeoutError",
                       "DistNetworkError", "Connection refused")
+
+
+def _retry_torchrun(proc, last_step_line: str) -> bool:
+    if any(e in proc.stderr for e in _RENDEZVOUS_ERRORS):
+        return True
+    finished = last_step_line in proc.stdout and "checkpoint " in proc.stderr
+    return finished and "terminate called" in proc.stderr
 
 
 def test_torchrun_two_processes_with_gloo(corpus, tmp_path):
@@ -216,8 +227,9 @@ def test_torchrun_two_processes_with_gloo(corpus, tmp_path):
            "--grad-accum", "2", "--out", str(out)]
     for attempt in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-        if proc.returncode == 0 or not any(e in proc.stderr for e in _RENDEZVOUS_ERRORS):
+        if proc.returncode == 0 or attempt or not _retry_torchrun(proc, "step 59: "):
             break
+        warnings.warn(f"torchrun run retried once after: {proc.stderr[-600:]}")
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-6000:]}"
     lines = proc.stdout.splitlines()
     assert sum("M parameters" in ln for ln in lines) == 1  # rank 0 alone prints
