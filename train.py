@@ -746,8 +746,8 @@ def main(argv=None) -> int:
 
 def _leave_process_group(clean: bool) -> None:
     """Tear down the process group. After a clean finish every rank first meets the others at a
-    barrier, so that no rank closes its connections while a peer is still at work (gloo has aborted a
-    rank that left early). After an error or an interrupt the ranks may not be at the same point, and
+    barrier, so that no rank closes its connections while a peer is still at work (once, in CI, a rank
+    that left early aborted in gloo's teardown). After an error or an interrupt the ranks may not be at the same point, and
     a barrier could wait forever: skip it."""
     import torch.distributed as dist
 

@@ -204,10 +204,10 @@ def test_unwritable_out_folder(corpus, tmp_path, capsys):
 
 
 # torchrun's own start-up (a free port picked, then bound again by the store) can lose a race with
-# another process on a busy machine; that is retried once. So is one other failure, seen twice (once
-# in CI, once locally) in a few dozen runs before train.py met at a barrier ahead of tearing down the
-# process group: a rank aborting in gloo's teardown ("terminate called") after the whole run,
-# checkpoint included, had finished. Anything else fails at once.
+# another process on a busy machine; that is retried once. So is one other failure, seen once in CI
+# (never reproduced on purpose) before train.py met at a barrier ahead of tearing down the process
+# group: a rank aborting in gloo's teardown ("terminate called") after the whole run, checkpoint
+# included, had finished. Anything else fails at once.
 _RENDEZVOUS_ERRORS = ("Address already in use", "RendezvousConnectionError", "RendezvousTimeoutError",
                       "DistNetworkError", "Connection refused")
 
