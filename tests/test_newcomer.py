@@ -32,6 +32,12 @@ def popen(*flags, cwd=ROOT, stderr=subprocess.PIPE):
                             stderr=stderr, text=True, cwd=cwd)
 
 
+def train_two_steps(capsys, corpus, out):
+    argv = [*SMALL, "--data", corpus, "--max-iters", "2", "--eval-interval", "1", "--out", out]
+    code, _, err = run_main(capsys, argv)
+    assert code == 0, err
+
+
 # ----------------------------------------------------------------------------- a CPU run says what it will do
 
 
@@ -149,7 +155,7 @@ def test_resume_writes_back_to_its_file_and_says_from_which_step(corpus, tmp_pat
 ], ids=["equal", "below", "finished-run"])
 def test_resume_refuses_a_max_iters_not_beyond_the_checkpoint(extra, match, corpus, tmp_path, capsys):
     ckpt = tmp_path / "s.pth"
-    assert run_main(capsys, [*SMALL, "--data", corpus, "--max-iters", "2", "--eval-interval", "1", "--out", ckpt])[0] == 0
+    train_two_steps(capsys, corpus, ckpt)
     assert_one_line_error(capsys, ["--resume", str(ckpt), "--data", str(corpus), "--device", "cpu", *extra], match)
 
 
@@ -201,7 +207,7 @@ def test_model_docstrings_give_shapes():
 
 def test_from_checkpoint_gives_a_ready_model_and_its_vocabulary(corpus, tmp_path, capsys):
     out = tmp_path / "m.pth"
-    assert run_main(capsys, [*SMALL, "--data", corpus, "--max-iters", "2", "--eval-interval", "1", "--out", out])[0] == 0
+    train_two_steps(capsys, corpus, out)
     model, tokenizer = GPT.from_checkpoint(out)
     assert not model.training and model.config.backend == "torch"
     assert tokenizer.chars == "".join(sorted(set(corpus.read_text())))
@@ -212,10 +218,11 @@ def test_from_checkpoint_gives_a_ready_model_and_its_vocabulary(corpus, tmp_path
 
 def test_train_py_samples_through_the_public_loader(corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "m.pth"
-    assert run_main(capsys, [*SMALL, "--data", corpus, "--max-iters", "2", "--eval-interval", "1", "--out", out])[0] == 0
+    train_two_steps(capsys, corpus, out)
     calls = []
     loader = GPT.from_checkpoint.__func__
-    monkeypatch.setattr(GPT, "from_checkpoint", classmethod(lambda cls, *a, **k: calls.append(a) or loader(cls, *a, **k)))
+    counted = classmethod(lambda cls, *a, **k: calls.append(a) or loader(cls, *a, **k))
+    monkeypatch.setattr(GPT, "from_checkpoint", counted)
     code, text, _ = run_main(capsys, ["--sample-from", out, "--sample-tokens", "5", "--device", "cpu"])
     assert code == 0 and len(calls) == 1 and len(text) == 1 + 5 + 1
 
@@ -225,7 +232,8 @@ def test_the_loss_plot_has_a_title(corpus, tmp_path, capsys, monkeypatch):
 
     titles = []
     real = matplotlib.axes.Axes.set_title
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, *a, **k: titles.append(t) or real(self, t, *a, **k))
+    recorded = lambda self, t, *a, **k: titles.append(t) or real(self, t, *a, **k)  # noqa: E731
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", recorded)
     code, _, err = run_main(capsys, [*SMALL, "--data", corpus, "--max-iters", "4", "--eval-interval", "2",
                                      "--out", tmp_path / "m.pth", "--plot", tmp_path / "loss.png"])
     assert code == 0, err
