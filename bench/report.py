@@ -21,9 +21,9 @@ includes about 8 s to start a process that imports torch and initialises CUDA):
   tests              tests/ on the GPU, bf16 included, in --test-workers processes side     75 s  150 s
                      by side sharing one list (about 300 kernel variants to compile over
                      16 cores; the longest single test about 30 s)
-  cost               beside the tests (CPU only): bench/compile_check.py --cost, the         40 s  120 s
-                     static cost of the model's kernel variants (skipped when the script
-                     has no --cost)
+  cost               beside the tests (CPU only, 2 processes): bench/compile_check.py       40 s  120 s
+                     --cost, the static cost of the model's kernel variants (skipped when
+                     the script has no --cost)
   train-compare      beside the tests: 500 steps of the triton backend in bf16 and the       60 s  150 s
                      reference backend in fp32, same seed, their val losses (needs --data)
   peers-attention    SDPA's flash, cuDNN and efficient backends and the reference at         25 s   60 s
@@ -35,8 +35,8 @@ includes about 8 s to start a process that imports torch and initialises CUDA):
   compile-layernorm  the torch.compile'd LayerNorm peers at (16384, 384) bf16 (4 compiles)   55 s   90 s
   attention-long     every attention provider at B16-T1024                                   35 s   60 s
 
-Stages on one line run side by side; the others run alone, one after another, so nothing disturbs a
-timing. The budget (--budget, 360 s by default) is planned in two pools: the compile-based peers
+cost and train-compare run beside the tests; every other stage runs alone, one after another, so
+nothing disturbs a timing. The budget (--budget, 360 s by default) is planned in two pools: the compile-based peers
 (compile-*) have 30% of it to themselves, the rest is for everything else, and 10 s is kept for
 writing the outputs. A stage runs only when its estimate fits what is left of its pool when its turn
 comes, and then with its limit cut to what is left, so the whole report stays within the budget; a
@@ -54,7 +54,7 @@ loss, side by side.
 
 Files under --out-dir (at most 4 files, each rewritten in place, so a copy taken at any moment is
 whole; a lent GPU machine brings back at most 8 files of 16 MiB):
-  report.json          every figure and every stage's outcome (after each stage and each benchmark)
+  report.json          every figure and every stage's outcome (after each stage, test and benchmark)
   RESULTS-section.md   the section for bench/RESULTS.md (likewise)
   report.png           ours against the peers, drawn after each stage (needs matplotlib; else
                        `python bench/report.py --plot-only report.json report.png` elsewhere)
@@ -76,6 +76,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -83,8 +84,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable
@@ -171,8 +171,8 @@ def build_stages(args, work: Path) -> list:
               _bench(work, "ours-loop", [LOOPS], "triton-graphs"), 1),
         Stage("tests", f"tests/ on the GPU in {workers} processes sharing the list", "tests", 75, 150, tests, 2),
         Stage("cost", "bench/compile_check.py --cost: the static cost of the model's kernels (CPU)", "cost", 40, 120,
-              {"compile_check": Command([sys.executable, "bench/compile_check.py", "--cost", "--json", str(cost_json)],
-                                        output=cost_json)}, 2),
+              {"compile_check": Command([sys.executable, "bench/compile_check.py", "--cost", "--json", str(cost_json),
+                                         "--jobs", "2"], output=cost_json)}, 2),
         Stage("train-compare", f"{args.iters} steps: triton bf16 against reference fp32, same seed", "train", 60, 150,
               {"triton-bf16": _train(args.data, work / "triton-bf16.pth", "--backend", "triton", "--dtype", "bfloat16",
                                      *short),
@@ -236,8 +236,7 @@ class Budget:
         self.pending_compile.discard(stage.name)
         left = self.left(stage, elapsed_s)
         if stage.estimate_s > left:
-            pool = "the compile peers' share" if stage.pool == "compile" else "the budget"
-            return None, f"needs about {stage.estimate_s:.0f} s; {max(0, left):.0f} s of {pool} left"
+            return None, f"needs about {stage.estimate_s:.0f} s; {max(0, left):.0f} s of the budget left"
         return min(stage.limit_s, left), ""
 
 
@@ -413,7 +412,7 @@ def ingest_records(entry: dict, stage: Stage, proc: Proc, report: dict) -> bool:
         elif event == "outcome":
             running.pop(proc.name, None)
             counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
-            if r["outcome"] in ("failed", "error", "xpassed"):
+            if r["outcome"] in ("failed", "error"):
                 entry.setdefault("failures", []).append(f"{r['nodeid']}: {r['outcome']}: {r.get('message', '')}")
             elif r["outcome"] == "skipped":
                 skips = entry.setdefault("skips", {})
@@ -567,7 +566,7 @@ class Run:
         entry = self.report["stages"][p.stage.name]
         entry["exits"][p.name] = p.outcome
         self.outputs.append_log(f"{p.stage.name} / {p.name}: {p.outcome} after {p.seconds:.1f} s",
-                                " ".join(map(str, p.cmd.argv)), p.text())
+                                shlex.join(map(str, p.cmd.argv)), p.text())
         try:
             p.log_path.unlink()
         except FileNotFoundError:
@@ -646,7 +645,8 @@ def attention_table(results):
               if (tuple(r["shape"]), r["dropout_p"], r["mode"]) == (shape, p, mode)}
         peers = [us[k] for k in providers[1:4] if k in us]
         ratio = f"{min(peers) / us['triton']:.2f}x" if peers and "triton" in us else "-"
-        lines.append(f"| {shape} | {p} | {mode} | " + " | ".join(_fmt(us.get(k)) for k in providers) + f" | {ratio} |")
+        lines.append(f"| {shape} | {p} | {mode} | " + " | ".join(_fmt(us.get(k)) for k in providers)
+                     + f" | {ratio} |")
     return lines
 
 
@@ -655,15 +655,18 @@ def layernorm_table(results):
     if not rows:
         return ["(not measured)"]
     keys = sorted({(r["op"], r["mode"], r["dtype"], tuple(r["shape"])) for r in rows})
-    lines = ["| op | mode | dtype | shape | ours us (GB/s) | peers us | best peer / ours |", "|---|---|---|---|---|---|---|"]
-    for op, mode, dtype, shape in keys:
-        sel = {r["provider"]: r for r in rows if (r["op"], r["mode"], r["dtype"], tuple(r["shape"])) == (op, mode, dtype, shape)}
+    lines = ["| op | mode | dtype | shape | ours us (GB/s) | peers us | best peer / ours |",
+             "|---|---|---|---|---|---|---|"]
+    for key in keys:
+        op, mode, dtype, shape = key
+        sel = {r["provider"]: r for r in rows if (r["op"], r["mode"], r["dtype"], tuple(r["shape"])) == key}
         ours = sel.get("triton")
         peers = {k: v["do_bench_median_us"] for k, v in sel.items() if k != "triton"}
         peer_txt = ", ".join(f"{k} {v:.1f}" for k, v in sorted(peers.items())) or "-"
         ratio = f"{min(peers.values()) / ours['do_bench_median_us']:.2f}x" if ours and peers else "-"
         ours_txt = f"{ours['do_bench_median_us']:.1f} ({ours['gb_per_s']:.0f})" if ours else "-"
-        lines.append(f"| {op} | {mode} | {dtype.removeprefix('torch.')} | {shape} | {ours_txt} | {peer_txt} | {ratio} |")
+        lines.append(f"| {op} | {mode} | {dtype.removeprefix('torch.')} | {shape} | {ours_txt} | {peer_txt} "
+                     f"| {ratio} |")
     return lines
 
 
@@ -702,7 +705,8 @@ def training_table(runs):
         diff = f"{vals[0] - vals[1]:+.4f}" if len(vals) == 2 and None not in vals else "-"
         lines.append(f"| {step} | " + " | ".join(_fmt(v, 4) for v in vals) + f" | {diff} |")
     for n in names:
-        status = "" if runs[n]["outcome"] == 0 else f" ({_outcome_text(runs[n]['outcome'])}: {runs[n].get('error', '')[-200:]})"
+        status = ("" if runs[n]["outcome"] == 0 else
+                  f" ({_outcome_text(runs[n]['outcome'])}: {runs[n].get('error', '')[-200:]})")
         lines.append(f"\n{n}: `{runs[n]['command']}`{status}")
     lines.append("\n(These runs share the GPU with the tests, so their times are not reported.)")
     return lines
@@ -717,17 +721,20 @@ def race_table(full):
     roles = [r for r in ("ours", "torch") if r in full]
     if not roles:
         return ["(not run)"]
-    fields = [("wall time, launch to last line (s)", "wall_s", 1), ("start-up, launch to the loop (s)",
-              "startup_from_launch_s", 1), ("start-up, train.py's own (s)", "startup_s", 1),
-              ("training (s)", "training_s", 1), ("evaluation (s)", "evaluation_s", 1), ("sampling (s)", "sampling_s", 1),
+    fields = [("wall time, launch to last line (s)", "wall_s", 1),
+              ("start-up, launch to the loop (s)", "startup_from_launch_s", 1),
+              ("start-up, train.py's own (s)", "startup_s", 1), ("training (s)", "training_s", 1),
+              ("evaluation (s)", "evaluation_s", 1), ("sampling (s)", "sampling_s", 1),
               ("steps per second", "steps_per_s", 1), ("tokens per second", "tokens_per_s", 0),
               ("best val loss", "best_val", 4), ("final val loss", "final_val", 4)]
     lines = ["| | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
     for label, key, nd in fields:
         lines.append(f"| {label} | " + " | ".join(_fmt(full[r].get(key), nd) for r in roles) + " |")
     lines.append("| MFU | " + " | ".join(str(full[r].get("mfu") or "-") for r in roles) + " |")
+    done = [f"{full[r].get('iters_done') or '-'}/{full[r].get('max_iters') or '-'}" for r in roles]
+    lines.append("| steps done (progress lines) | " + " | ".join(done) + " |")
     lines.append("| outcome | " + " | ".join(_outcome_text(full[r]["outcome"]) for r in roles) + " |")
-    if all(full[r].get("wall_s") and full[r]["outcome"] == 0 for r in ("ours", "torch") if r in full) and len(roles) == 2:
+    if len(roles) == 2 and all(full[r].get("wall_s") and full[r]["outcome"] == 0 for r in roles):
         lines.append(f"\nWall time: ours is {full['torch']['wall_s'] / full['ours']['wall_s']:.2f}x faster "
                      "than the PyTorch loop, launch to last line.")
     for r in roles:
@@ -747,6 +754,8 @@ def _cost_op(record: dict):
     if mode is None:
         return None
     if "_attn_" in kernel:
+        if mode == "fwd" and "lse" not in words:
+            return None  # an inference forward: the benchmark times the training one, which keeps lse
         return ("attention", mode, 0.2 if "dropout" in words else 0.0)
     if "_ln_" in kernel:
         if mode == "fwd":
@@ -830,6 +839,9 @@ def stage_table(report) -> list:
             outcome += "; was running " + ", ".join(f"`{n}`" for n in e["running"].values())
         if e.get("note"):
             outcome += f"; {e['note']}"
+        if name != "tests":  # the tests' failures and skips have lines of their own below
+            outcome += "".join(f"; {f[:200]}" for f in e.get("failures", [])[:5])
+            outcome += "".join(f"; skipped {n} x: {why[:150]}" for why, n in e.get("skips", {}).items())
         lines.append(f"| {name} | {e['what']} | {e['estimate_s']:.0f} | {_fmt(e.get('limit_s'), 0)} | "
                      f"{_fmt(e.get('seconds'), 0)} | {outcome.replace('|', '/')} |")
     return lines
@@ -948,7 +960,7 @@ class Outputs:
         self.json_path, self.section_path = out_dir / "report.json", out_dir / "RESULTS-section.md"
         self.png_path, self.log_path = out_dir / "report.png", out_dir / "report.log"
         self.log_path.write_text("")
-        self.results_md_text = results_md.read_text() if results_md is not None else None
+        self.results_md_text = (results_md.read_text() if results_md.exists() else "") if results_md else None
         self.plot_note = ""
 
     def write(self, report: dict, draw: bool = False) -> None:

@@ -410,6 +410,8 @@ def test_parse_training_without_a_time_line():
 COST = [
     {"kernel": "_attn_fwd_kernel", "variant": "bf16 D=64 causal dropout lse [model]", "regs": 168, "smem": 65536,
      "spill_bytes": 0, "hgmma": True, "loop_instructions": [600], "warp_instructions": 9_000_000, "issue_us": 10.0},
+    {"kernel": "_attn_fwd_kernel", "variant": "bf16 D=64 causal dropout [model]", "regs": 128, "smem": 65536,
+     "spill_bytes": 0, "hgmma": True, "loop_instructions": [500], "warp_instructions": 8_000_000, "issue_us": 9.0},
     {"kernel": "_attn_bwd_dkdv_kernel", "variant": "bf16 D=64 causal dropout [model]", "regs": 232, "smem": 98304,
      "spill_bytes": 0, "hgmma": True, "loop_instructions": [800], "warp_instructions": 20_000_000, "issue_us": 25.0},
     {"kernel": "_attn_bwd_dq_kernel", "variant": "bf16 D=64 causal dropout [model]", "regs": 200, "smem": 65536,
@@ -502,3 +504,36 @@ def test_the_report_on_a_gpu_writes_its_outputs_after_each_stage(tmp_path):
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "ours-kernels / pytest" in (out / "report.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["RESULTS-section.md", "report.json", "report.log", "report.png"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the benchmark stage would measure for real (the GPU test below covers it)")
+def test_main_on_a_pretend_gpu_runs_the_stages_and_writes_the_files(tmp_path, monkeypatch, capsys):
+    """The whole command on the CPU with torch told there is a GPU: the benchmark stage runs for real
+    (its benchmarks skip in the subprocess, which sees no GPU), the training stages are skipped for
+    want of data, and the four files are written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "pretend GPU")
+    out = tmp_path / "out"
+    code = rep.main(["--only", "ours-kernels", "--only", "train-compare", "--data", str(tmp_path / "none.txt"),
+                     "--out-dir", str(out), "--no-results-md"], log=lambda msg: None)
+    assert code == 0
+    saved = json.loads((out / "report.json").read_text())
+    kernels = saved["stages"]["ours-kernels"]
+    assert kernels["status"] == "ok" and kernels["counts"] == {"skipped": 12}, kernels
+    assert kernels["skips"] == {"needs a CUDA GPU": 12}
+    assert saved["stages"]["train-compare"]["status"] == "dropped"
+    assert saved["notes"] == [f"no training text at {tmp_path / 'none.txt'}: the training stages were skipped"]
+    files = {"RESULTS-section.md", "report.json", "report.log"} | ({"report.png"} if _has_matplotlib() else set())
+    assert {p.name for p in out.iterdir()} == files
+    section = capsys.readouterr().out
+    assert section.startswith("## ") and "| ours-kernels | our attention" in section
+    assert "ok (12 skipped); skipped 12 x: needs a CUDA GPU |" in section
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
