@@ -8,9 +8,19 @@ known, so a process killed at any moment leaves every result it had:
   {"event": "start", "nodeid": ID}               a test began (the last one without an outcome is
                                                  the one that was running when the process died)
   {"event": "outcome", "nodeid": ID, "outcome": "passed" | "failed" | "skipped" | "error" |
-   "xfailed" | "xpassed", "seconds": S, "message": TEXT, "extra_info": {...}}
+   "xfailed" | "xpassed", "seconds": S, "message": TEXT, "extra_info": {...}, "collecting": true}
+  {"event": "stopped", "why": TEXT}              this process stopped early (below)
 extra_info is a benchmark's benchmark.extra_info (pytest-benchmark), present when the test used the
-fixture and set it; message is the skip reason or the failure's one-line crash message.
+fixture and set it; message is the skip reason or the failure's one-line crash message. A module
+that fails to import is an "error" outcome under the module's node id, marked "collecting" (it is
+not one of the N collected).
+
+Two things for a first run on a GPU, where a kernel may crash or hang:
+- A failure with a sticky CUDA error (an illegal memory access, a device-side assert, ...) leaves
+  the process's CUDA context broken, so every later test in it would fail too: the process stops
+  there, and (with --share-dir) the other processes take the tests it would have run.
+- On SIGTERM (bench/report.py ends a stage at its limit so) the Python stacks of every thread go
+  to PATH.stacks before the process ends: where it hung.
 
 --share-dir DIR shares one test list among several pytest processes started side by side with the
 same arguments (no pytest-xdist needed): each process collects every test, and the tests, in groups
@@ -25,13 +35,19 @@ conftest.py decides how triton is set up before it is first imported).
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
+import re
+import signal
 
 import pytest
 
 GROUP_SIZE = 4  # consecutive tests of one test function claimed together
+# Errors after which a CUDA context is unusable: every later kernel launch in the process fails.
+STICKY_CUDA_ERROR = re.compile(r"illegal memory access|unspecified launch failure|misaligned address|"
+                               r"illegal instruction|device-side assert|uncorrectable ECC")
 
 
 def pytest_addoption(parser):
@@ -42,21 +58,9 @@ def pytest_addoption(parser):
                     help="share the tests with other pytest processes given the same DIR")
 
 
-def _write(config, record: dict) -> None:
-    path = config.getoption("record_to")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-
-
-def pytest_collection_finish(session):
-    _write(session.config, {"event": "collected", "n": len(session.items)})
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    _write(item.config, {"event": "start", "nodeid": item.nodeid})
-    yield
+def pytest_configure(config):
+    if config.getoption("record_to"):
+        config.pluginmanager.register(Recorder(config.getoption("record_to")), "bench-record")
 
 
 def _message(report) -> str:
@@ -71,27 +75,60 @@ def _message(report) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    # One outcome per test: the call's, or the setup's when setup failed or skipped, or an error in
-    # teardown after a passing call.
-    if report.when == "call" or (report.when == "setup" and not report.passed) or (
-            report.when == "teardown" and report.failed):
+class Recorder:
+    """The hooks that write the record (registered only with --record-to)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if hasattr(signal, "SIGTERM"):
+            # Open for the process's life: faulthandler writes to it from its signal handler.
+            self.stacks = open(path + ".stacks", "w")
+            faulthandler.register(signal.SIGTERM, file=self.stacks, all_threads=True, chain=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+    def pytest_collectreport(self, report):
+        if report.failed:  # a module that does not import: its tests never run
+            lines = [ln.strip() for ln in str(report.longrepr).splitlines() if ln.strip()]
+            self.write({"event": "outcome", "nodeid": report.nodeid, "outcome": "error", "seconds": 0.0,
+                        "message": (lines[-1] if lines else "")[:300], "collecting": True})
+
+    def pytest_collection_finish(self, session):
+        self.write({"event": "collected", "n": len(session.items)})
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.write({"event": "start", "nodeid": item.nodeid})
+        yield
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        outcome = yield
+        report = outcome.get_result()
+        # One outcome per test: the call's, or the setup's when setup failed or skipped, or an error
+        # in teardown after a passing call.
+        if not (report.when == "call" or (report.when == "setup" and not report.passed)
+                or (report.when == "teardown" and report.failed)):
+            return
         if hasattr(report, "wasxfail"):
             result = "xfailed" if report.skipped else "xpassed"
         elif report.when != "call" and report.failed:
             result = "error"
         else:
             result = report.outcome
+        message = "" if report.passed else _message(report)
         record = {"event": "outcome", "nodeid": item.nodeid, "outcome": result,
-                  "seconds": round(report.duration, 3), "message": "" if report.passed else _message(report)}
-        benchmark = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
-        extra = getattr(benchmark, "extra_info", None)
+                  "seconds": round(report.duration, 3), "message": message}
+        extra = getattr(getattr(item, "funcargs", {}).get("benchmark"), "extra_info", None)
         if report.when == "call" and extra:
             record["extra_info"] = {"name": item.name, **extra}
-        _write(item.config, record)
+        self.write(record)
+        if report.failed and STICKY_CUDA_ERROR.search(str(report.longrepr)):
+            why = f"a sticky CUDA error in {item.nodeid}: this process's CUDA context is broken"
+            item.session.shouldstop = why
+            self.write({"event": "stopped", "why": why})
 
 
 def _groups(items):

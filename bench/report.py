@@ -13,9 +13,10 @@ The stages, in order (estimates for an H100/H200 with cold Triton and inductor c
 includes about 8 s to start a process that imports torch and initialises CUDA):
 
   stage              what it runs                                                    estimate  limit
-  ours-kernels       our attention at the model's shape (B64-T256, p 0 and 0.2, fwd,     40 s   90 s
-                     fwd+bwd) and our LayerNorm at (16384, 384) (both ops, both modes,
-                     fp32 and bf16): 12 benchmarks, about 15 kernel variants to compile
+  ours-attention     our attention at the model's shape (B64-T256, p 0 and 0.2, fwd and      25 s   60 s
+                     fwd+bwd): 4 benchmarks, 7 kernel variants to compile
+  ours-layernorm     our layer_norm and add_layer_norm at (16384, 384), fwd and fwd+bwd,     20 s   45 s
+                     fp32 and bf16: 8 benchmarks, 8 kernel variants
   ours-loop          our training loop (triton-graphs): a training step and an              35 s   80 s
                      evaluation batch (the model's variants compiled, CUDA graphs captured)
   tests              tests/ on the GPU, bf16 included, in --test-workers processes side     75 s  150 s
@@ -132,8 +133,9 @@ class Stage:
 
 
 def _pytest(*args, record: Path) -> Command:
+    # A module that fails to import costs its own tests only (it is recorded as an error).
     return Command([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "bench.record",
-                    "--record-to", str(record), *args], record=record)
+                    "--record-to", str(record), "--continue-on-collection-errors", *args], record=record)
 
 
 def _bench(work: Path, name: str, files: list, select: str) -> dict:
@@ -165,35 +167,38 @@ def build_stages(args, work: Path) -> list:
     short = ["--max-iters", str(args.iters), "--eval-interval", str(max(1, args.iters // 2)), "--eval-iters", "50",
              "--sample-tokens", "0", "--log-interval", "0", "--seed", "0"]
     return [
-        Stage("ours-kernels", "our attention at B64-T256 and our LayerNorm at 16384x384", "bench", 40, 90,
-              _bench(work, "ours-kernels", [ATTN, LN], "triton and (B64-T256 or 16384x384)"), 0),
+        # Our two kernels in two processes: a crash that breaks one's CUDA context leaves the other measured.
+        Stage("ours-attention", "our attention at B64-T256, p 0 and 0.2, fwd and fwd+bwd", "bench", 25, 60,
+              _bench(work, "ours-attention", [ATTN], "triton and B64-T256"), 0),
+        Stage("ours-layernorm", "our layer_norm and add_layer_norm at 16384x384, fp32 and bf16", "bench", 20, 45,
+              _bench(work, "ours-layernorm", [LN], "triton and 16384x384"), 1),
         Stage("ours-loop", "our training loop (triton-graphs): a step and an evaluation batch", "bench", 35, 80,
-              _bench(work, "ours-loop", [LOOPS], "triton-graphs"), 1),
-        Stage("tests", f"tests/ on the GPU in {workers} processes sharing the list", "tests", 75, 150, tests, 2),
+              _bench(work, "ours-loop", [LOOPS], "triton-graphs"), 2),
+        Stage("tests", f"tests/ on the GPU in {workers} processes sharing the list", "tests", 75, 150, tests, 3),
         Stage("cost", "bench/compile_check.py --cost: the static cost of the model's kernels (CPU)", "cost", 40, 120,
               {"compile_check": Command([sys.executable, "bench/compile_check.py", "--cost", "--json", str(cost_json),
-                                         "--jobs", "2"], output=cost_json)}, 2),
+                                         "--jobs", "2"], output=cost_json)}, 3),
         Stage("train-compare", f"{args.iters} steps: triton bf16 against reference fp32, same seed", "train", 60, 150,
               {"triton-bf16": _train(args.data, work / "triton-bf16.pth", "--backend", "triton", "--dtype", "bfloat16",
                                      *short),
                "reference-fp32": _train(args.data, work / "reference-fp32.pth", "--backend", "reference", "--dtype",
-                                        "float32", "--no-cuda-graphs", *short)}, 2),
+                                        "float32", "--no-cuda-graphs", *short)}, 3),
         Stage("peers-attention", "SDPA's flash, cuDNN and efficient backends and the reference at B64-T256", "bench",
-              25, 60, _bench(work, "peers-attention", [ATTN], "B64-T256 and not triton"), 3),
+              25, 60, _bench(work, "peers-attention", [ATTN], "B64-T256 and not triton"), 4),
         Stage("peers-layernorm", "F.layer_norm and the unfused dropout + add + layer_norm at 16384x384", "bench",
-              15, 40, _bench(work, "peers-layernorm", [LN], "16384x384 and not triton and not compile"), 4),
+              15, 40, _bench(work, "peers-layernorm", [LN], "16384x384 and not triton and not compile"), 5),
         Stage("peers-loops", "the seed's loop, torch-eager and triton-eager", "bench", 35, 70,
-              _bench(work, "peers-loops", [LOOPS], "seed or torch-eager or triton-eager"), 5),
+              _bench(work, "peers-loops", [LOOPS], "seed or torch-eager or triton-eager"), 6),
         Stage("compile-loops", "torch-compile-rog: torch.compile(mode='reduce-overhead'), step and evaluation",
-              "bench", 80, 120, _bench(work, "compile-loops", [LOOPS], "torch-compile-rog"), 6, pool="compile"),
+              "bench", 80, 120, _bench(work, "compile-loops", [LOOPS], "torch-compile-rog"), 7, pool="compile"),
         Stage("compile-layernorm", "the torch.compile'd LayerNorm peers at 16384x384 bf16", "bench", 55, 90,
-              _bench(work, "compile-layernorm", [LN], "16384x384 and compile and bf16"), 7, pool="compile"),
+              _bench(work, "compile-layernorm", [LN], "16384x384 and compile and bf16"), 8, pool="compile"),
         Stage("attention-long", "every attention provider at B16-T1024", "bench", 35, 60,
-              _bench(work, "attention-long", [ATTN], "B16-T1024"), 8),
+              _bench(work, "attention-long", [ATTN], "B16-T1024"), 9),
     ]
 
 
-STAGE_NAMES = ["ours-kernels", "ours-loop", "tests", "cost", "train-compare", "peers-attention", "peers-layernorm",
+STAGE_NAMES = ["ours-attention", "ours-layernorm", "ours-loop", "tests", "cost", "train-compare", "peers-attention", "peers-layernorm",
                "peers-loops", "compile-loops", "compile-layernorm", "attention-long", "race-ours", "race-torch"]
 
 
@@ -385,7 +390,7 @@ def stage_env() -> dict:
 # ----------------------------------------------------------------------------- reading what a stage left
 
 
-PYTEST_EXIT = {0: "ok", 1: "tests failed", 2: "interrupted", 3: "internal error", 4: "usage error",
+PYTEST_EXIT = {0: "ok", 1: "tests failed", 2: "pytest stopped", 3: "internal error", 4: "usage error",
                5: "no test selected"}
 
 
@@ -395,9 +400,11 @@ def new_stage_entry(s: Stage) -> dict:
             "seconds": None, "exits": {}}
 
 
-def ingest_records(entry: dict, stage: Stage, proc: Proc, report: dict) -> bool:
+def ingest_records(entry: dict, stage: Stage, proc: Proc, report: dict, seen: set) -> bool:
     """Read the new lines of a pytest process's record into the stage's entry (and a benchmark's
-    extra_info into report["benchmarks"]). True when something new was read."""
+    extra_info into report["benchmarks"]). True when something new was read. seen: the node ids
+    with an outcome so far in this stage (processes sharing a list all report a module that does
+    not import; it counts once)."""
     if proc.cmd.record is None:
         return False
     records, proc.record_offset = read_records(proc.cmd.record, proc.record_offset)
@@ -409,8 +416,15 @@ def ingest_records(entry: dict, stage: Stage, proc: Proc, report: dict) -> bool:
             entry.setdefault("collected", {})[proc.name] = r["n"]
         elif event == "start":
             running[proc.name] = r["nodeid"]
+        elif event == "stopped":
+            entry.setdefault("stopped", []).append(f"{proc.name}: {r['why']}")
         elif event == "outcome":
             running.pop(proc.name, None)
+            if r["nodeid"] in seen:
+                continue
+            seen.add(r["nodeid"])
+            if r.get("collecting"):
+                entry["collect_errors"] = entry.get("collect_errors", 0) + 1
             counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
             if r["outcome"] in ("failed", "error"):
                 entry.setdefault("failures", []).append(f"{r['nodeid']}: {r['outcome']}: {r.get('message', '')}")
@@ -429,7 +443,7 @@ def not_run(entry: dict, stage: Stage):
     if not collected:
         return None
     total = max(collected.values()) if stage.kind == "tests" else sum(collected.values())
-    return max(0, total - sum(entry.get("counts", {}).values()))
+    return max(0, total - (sum(entry.get("counts", {}).values()) - entry.get("collect_errors", 0)))
 
 
 STEP_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
@@ -498,6 +512,7 @@ class Run:
         self.budget = Budget(budget_s, stages)
         self.env = stage_env()
         self.t0 = time.monotonic()
+        self.seen = {s.name: set() for s in stages}  # node ids with an outcome, per stage
         report["budget_s"] = budget_s
         report["stages"] = {s.name: new_stage_entry(s) for s in stages}
 
@@ -535,7 +550,8 @@ class Run:
                 now = time.monotonic()
                 for p in procs:
                     ended = p.poll(now)
-                    changed |= ingest_records(self.report["stages"][p.stage.name], p.stage, p, self.report)
+                    changed |= ingest_records(self.report["stages"][p.stage.name], p.stage, p, self.report,
+                                              self.seen[p.stage.name])
                     if ended and not p.logged:
                         self.finish_proc(p)
                         changed = True
@@ -553,7 +569,8 @@ class Run:
                 if p.outcome is None:
                     p.stop("interrupted")
                 if not p.logged:
-                    ingest_records(self.report["stages"][p.stage.name], p.stage, p, self.report)
+                    ingest_records(self.report["stages"][p.stage.name], p.stage, p, self.report,
+                                              self.seen[p.stage.name])
                     self.finish_proc(p)
             for s, _ in todo:
                 if self.report["stages"][s.name]["status"] == "running":
@@ -565,8 +582,12 @@ class Run:
         p.logged = True
         entry = self.report["stages"][p.stage.name]
         entry["exits"][p.name] = p.outcome
+        stacks = Path(f"{p.cmd.record}.stacks") if p.cmd.record else None
+        stacks_text = stacks.read_text(errors="replace") if stacks and stacks.exists() else ""
+        if stacks_text:
+            stacks_text = f"\n[its Python stacks when it was ended]\n{stacks_text[-LOG_TAIL:]}"
         self.outputs.append_log(f"{p.stage.name} / {p.name}: {p.outcome} after {p.seconds:.1f} s",
-                                shlex.join(map(str, p.cmd.argv)), p.text())
+                                shlex.join(map(str, p.cmd.argv)), p.text() + stacks_text)
         try:
             p.log_path.unlink()
         except FileNotFoundError:
@@ -839,6 +860,7 @@ def stage_table(report) -> list:
             outcome += "; was running " + ", ".join(f"`{n}`" for n in e["running"].values())
         if e.get("note"):
             outcome += f"; {e['note']}"
+        outcome += "".join(f"; stopped early: {why}" for why in e.get("stopped", []))
         if name != "tests":  # the tests' failures and skips have lines of their own below
             outcome += "".join(f"; {f[:200]}" for f in e.get("failures", [])[:5])
             outcome += "".join(f"; skipped {n} x: {why[:150]}" for why, n in e.get("skips", {}).items())

@@ -134,7 +134,7 @@ def test_the_default_plan_fits_the_budget_even_when_every_stage_runs_to_its_limi
         # Our figures come first: by the estimates, the headline stages all run.
         kept = {s.name for s, limit, _ in rep.predict(stages, budget) if limit is not None}
         assert kept >= ({"race-ours", "race-torch"} if argv else
-                        {"ours-kernels", "ours-loop", "tests", "cost", "train-compare", "compile-loops"})
+                        {"ours-attention", "ours-layernorm", "ours-loop", "tests", "cost", "train-compare", "compile-loops"})
         # Worst case: each stage that runs takes its whole (cut) limit; the steps still sum within the budget.
         by_step = {}
         for s, limit, _ in rep.predict(stages, budget, worst_case=True):
@@ -279,6 +279,47 @@ def test_a_stage_killed_midway_keeps_what_it_had_run(tmp_path):
     assert any(s["benchmarks"] and s["stages"]["bench-fake"]["status"] == "running" for s in outputs.snapshots)
     section = outputs.section_path.read_text()
     assert "killed (3 passed, 1 skipped; 2 not run)" in section and "was running `test_fake.py::test_hangs`" in section
+    # Where it hung: its Python stack, dumped on the SIGTERM that ended it.
+    log = outputs.log_path.read_text()
+    assert "[its Python stacks when it was ended]" in log and 'line 19 in test_hangs' in log, log[-3000:]
+
+
+BROKEN_CONTEXT = '''
+def test_first():
+    pass
+
+def test_crashes():
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+def test_after():
+    pass
+
+def test_last():
+    pass
+'''
+
+
+def test_a_sticky_cuda_error_stops_the_process_and_says_so(tmp_path):
+    """After an illegal memory access every later launch in the process fails: it stops instead."""
+    (tmp_path / "test_cuda.py").write_text(BROKEN_CONTEXT)
+    cmd = rep._pytest(str(tmp_path / "test_cuda.py"), "--rootdir", str(tmp_path), record=tmp_path / "r.jsonl")
+    report, outputs = _run(tmp_path, [rep.Stage("crash", "a crash", "bench", 1, 30, {"pytest": cmd}, 0)])
+    entry = report["stages"]["crash"]
+    assert entry["counts"] == {"passed": 1, "failed": 1} and entry["not_run"] == 2, entry
+    assert entry["stopped"] == ["pytest: a sticky CUDA error in test_cuda.py::test_crashes: this process's CUDA "
+                                "context is broken"]
+    assert "stopped early: pytest: a sticky CUDA error" in outputs.section_path.read_text()
+
+
+def test_a_module_that_does_not_import_costs_only_its_own_tests(tmp_path):
+    (tmp_path / "test_good.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    (tmp_path / "test_bad.py").write_text("import no_such_module\n\ndef test_c():\n    pass\n")
+    commands = {f"worker{i}": rep._pytest(str(tmp_path), "--rootdir", str(tmp_path), "--share-dir",
+                                          str(tmp_path / "share"), record=tmp_path / f"w{i}.jsonl") for i in range(2)}
+    report, _ = _run(tmp_path, [rep.Stage("tests", "shared", "tests", 1, 60, commands, 0)])
+    entry = report["stages"]["tests"]
+    assert entry["counts"] == {"passed": 2, "error": 1}, entry  # each process reports it: counted once
+    assert entry["failures"] == ["test_bad.py: error: E   ModuleNotFoundError: No module named 'no_such_module'"]
 
 
 SHARED = '''
@@ -458,7 +499,7 @@ def test_stages_that_cannot_run_here_are_dropped_with_the_reason(tmp_path):
     why = {s.name: s.dropped for s in stages}
     assert why["train-compare"].startswith(f"no data at {tmp_path / 'none.txt'}")
     assert why["peers-loops"] == "left out (--skip)"
-    assert why["ours-kernels"] == "" and why["tests"] == ""
+    assert why["ours-attention"] == "" and why["tests"] == ""
     args = rep.parse_args(["--only", "tests", "--data", __file__])
     stages = rep.build_stages(args, tmp_path)
     rep.mark_unrunnable(stages, args)
@@ -477,7 +518,7 @@ def test_the_report_on_a_gpu_writes_its_outputs_after_each_stage(tmp_path):
     corpus = tmp_path / "input.txt"
     corpus.write_text(("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 400)[:20000])
     out = tmp_path / "out"
-    proc = subprocess.Popen([PY, "bench/report.py", "--only", "ours-kernels", "--only", "train-compare", "--iters", "20",
+    proc = subprocess.Popen([PY, "bench/report.py", "--only", "ours-attention", "--only", "train-compare", "--iters", "20",
                              "--data", str(corpus), "--out-dir", str(out), "--no-results-md", "--budget", "200"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     snapshots = []
@@ -489,20 +530,20 @@ def test_the_report_on_a_gpu_writes_its_outputs_after_each_stage(tmp_path):
     assert proc.returncode in (0, 1), stderr
     final = json.loads((out / "report.json").read_text())
     stages = final["stages"]
-    assert stages["ours-kernels"]["status"] in ("ok", "failed"), stages["ours-kernels"]
+    assert stages["ours-attention"]["status"] in ("ok", "failed"), stages["ours-attention"]
     assert stages["tests"]["status"] == "dropped" and stages["tests"]["reason"] == "not selected (--only)"
-    ours = [b for b in final["benchmarks"] if b["stage"] == "ours-kernels"]
+    ours = [b for b in final["benchmarks"] if b["stage"] == "ours-attention"]
     assert ours and all(b["provider"] == "triton" for b in ours)
     # Each benchmark was in report.json while its stage still ran, and the stage's figures before the next stage.
-    assert any(s["benchmarks"] and s["stages"]["ours-kernels"]["status"] == "running" for s in snapshots)
-    assert any(s["stages"]["ours-kernels"]["status"] != "running" and s["stages"]["train-compare"]["status"] in
+    assert any(s["benchmarks"] and s["stages"]["ours-attention"]["status"] == "running" for s in snapshots)
+    assert any(s["stages"]["ours-attention"]["status"] != "running" and s["stages"]["train-compare"]["status"] in
                ("planned", "running") and s["benchmarks"] for s in snapshots)
     assert set(final["training"]) == {"triton-bf16", "reference-fp32"}
     assert all(run["steps"] for run in final["training"].values()), final["training"]
     section = (out / "RESULTS-section.md").read_text()
-    assert "| ours-kernels |" in section and "| (64, 256, 6, 64) |" in section
+    assert "| ours-attention |" in section and "| (64, 256, 6, 64) |" in section
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert "ours-kernels / pytest" in (out / "report.log").read_text()
+    assert "ours-attention / pytest" in (out / "report.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["RESULTS-section.md", "report.json", "report.log", "report.png"]
 
 
@@ -515,20 +556,20 @@ def test_main_on_a_pretend_gpu_runs_the_stages_and_writes_the_files(tmp_path, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "pretend GPU")
     out = tmp_path / "out"
-    code = rep.main(["--only", "ours-kernels", "--only", "train-compare", "--data", str(tmp_path / "none.txt"),
+    code = rep.main(["--only", "ours-attention", "--only", "train-compare", "--data", str(tmp_path / "none.txt"),
                      "--out-dir", str(out), "--no-results-md"], log=lambda msg: None)
     assert code == 0
     saved = json.loads((out / "report.json").read_text())
-    kernels = saved["stages"]["ours-kernels"]
-    assert kernels["status"] == "ok" and kernels["counts"] == {"skipped": 12}, kernels
-    assert kernels["skips"] == {"needs a CUDA GPU": 12}
+    kernels = saved["stages"]["ours-attention"]
+    assert kernels["status"] == "ok" and kernels["counts"] == {"skipped": 4}, kernels
+    assert kernels["skips"] == {"needs a CUDA GPU": 4}
     assert saved["stages"]["train-compare"]["status"] == "dropped"
     assert saved["notes"] == [f"no training text at {tmp_path / 'none.txt'}: the training stages were skipped"]
     files = {"RESULTS-section.md", "report.json", "report.log"} | ({"report.png"} if _has_matplotlib() else set())
     assert {p.name for p in out.iterdir()} == files
     section = capsys.readouterr().out
-    assert section.startswith("## ") and "| ours-kernels | our attention" in section
-    assert "ok (12 skipped); skipped 12 x: needs a CUDA GPU |" in section
+    assert section.startswith("## ") and "| ours-attention | our attention" in section
+    assert "ok (4 skipped); skipped 4 x: needs a CUDA GPU |" in section
 
 
 def _has_matplotlib():
