@@ -19,8 +19,9 @@ Two things for a first run on a GPU, where a kernel may crash or hang:
 - A failure with a sticky CUDA error (an illegal memory access, a device-side assert, ...) leaves
   the process's CUDA context broken, so every later test in it would fail too: the process stops
   there, and (with --share-dir) the other processes take the tests it would have run.
-- On SIGTERM (bench/report.py ends a stage at its limit so) the Python stacks of every thread go
-  to PATH.stacks before the process ends: where it hung.
+- On SIGUSR1 (bench/report.py sends it just before it ends a process at its limit) the Python
+  stacks of every thread go to PATH.stacks: where it hung. (Not on SIGTERM: code under test, such
+  as train.py's interrupt handling, installs SIGTERM handlers of its own.)
 
 --share-dir DIR shares one test list among several pytest processes started side by side with the
 same arguments (no pytest-xdist needed): each process collects every test, and the tests, in groups
@@ -80,10 +81,10 @@ class Recorder:
 
     def __init__(self, path: str):
         self.path = path
-        if hasattr(signal, "SIGTERM"):
+        if hasattr(signal, "SIGUSR1"):
             # Open for the process's life: faulthandler writes to it from its signal handler.
             self.stacks = open(path + ".stacks", "w")
-            faulthandler.register(signal.SIGTERM, file=self.stacks, all_threads=True, chain=True)
+            faulthandler.register(signal.SIGUSR1, file=self.stacks, all_threads=True)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -37,13 +37,14 @@ includes about 8 s to start a process that imports torch and initialises CUDA):
   attention-long     every attention provider at B16-T1024                                   35 s   60 s
 
 cost and train-compare run beside the tests; every other stage runs alone, one after another, so
-nothing disturbs a timing. The budget (--budget, 360 s by default) is planned in two pools: the compile-based peers
-(compile-*) have 30% of it to themselves, the rest is for everything else, and 10 s is kept for
-writing the outputs. A stage runs only when its estimate fits what is left of its pool when its turn
-comes, and then with its limit cut to what is left, so the whole report stays within the budget; a
-stage that does not fit is dropped, and the output and the section say which and why. By the
-estimates, the default budget runs everything up to compile-loops; compile-layernorm and
-attention-long run when the stages before them finished early.
+nothing disturbs a timing. The budget (--budget, 360 s by default) is planned in two pools: the
+compile-based peers (compile-*) have 30% of it to themselves, the rest is for everything else, and
+10 s is kept for writing the outputs. A stage runs only when its estimate fits what is left of its
+pool when its turn comes, and then with its limit cut to what is left, so the whole report stays
+within the budget even when every stage runs to its limit; a stage that does not fit is dropped,
+and the output and the section say which and why. By the estimates, the default budget runs
+everything up to compile-loops, and attention-long; compile-layernorm runs when the stages before it
+finished early. `--plan` prints this plan for the given options.
 
 --full-run is a report of its own: `python train.py` (ours: triton, bf16, CUDA graphs, the defaults
 on a GPU) and then `python train.py --backend torch --dtype bfloat16 --compile reduce-overhead` (the
@@ -100,6 +101,7 @@ DEFAULT_BUDGET_S, FULL_RUN_BUDGET_S = 360, 240
 OUTPUT_RESERVE_S = 10  # kept back from the budget for writing the outputs
 COMPILE_POOL_SHARE = 0.3  # of the budget, held for the compile-* stages until their turn
 KILL_GRACE_S = 3  # between SIGTERM and SIGKILL to a stage's process group
+STACKS_WAIT_S = 0.5  # for a pytest process to write its Python stacks before it is killed
 LOG_HEAD, LOG_TAIL = 128 * 1024, 384 * 1024  # of each process's output kept in report.log
 # Set in every stage's environment: tests/test_report.py's GPU test skips inside the report's own
 # test stage, which would otherwise start the report again from within itself.
@@ -317,6 +319,7 @@ class Proc:
         self.t_launch = time.monotonic()
         self.deadline = self.t_launch + limit_s
         self.t_end = None
+        self.stacks_asked = None  # when SIGUSR1 went to it, at its limit
         self.logged = False  # its output is in report.log and its figures in the report
         self.log = open(self.log_path, "wb")
         self.pump = threading.Thread(target=self._pump, daemon=True)
@@ -350,12 +353,28 @@ class Proc:
         if code is None and now < self.deadline:
             return False
         if code is None:
+            # First its Python stacks (a pytest process writes them on SIGUSR1), then the kill.
+            if self.stacks_asked is None and self.request_stacks():
+                self.stacks_asked = now
+            if self.stacks_asked is not None and now < self.stacks_asked + STACKS_WAIT_S:
+                return False
             kill_group(self.popen)
             self.outcome = f"killed at its limit ({self.limit_s:.0f} s)"
         else:
             kill_group(self.popen)  # whatever it left running in its group
             self.outcome = code
         self._close()
+        return True
+
+    def request_stacks(self) -> bool:
+        """Ask a pytest process for its Python stacks (bench/record.py writes them on SIGUSR1);
+        True when asked (they are written within STACKS_WAIT_S)."""
+        if self.cmd.record is None or self.outcome is not None or not hasattr(signal, "SIGUSR1"):
+            return False
+        try:
+            os.kill(self.popen.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return False
         return True
 
     def stop(self, why: str) -> None:
@@ -565,6 +584,8 @@ class Run:
                 if not all(p.logged for p in procs):
                     time.sleep(0.2)
         finally:
+            if [p.request_stacks() for p in procs if p.outcome is None and p.stacks_asked is None].count(True):
+                time.sleep(STACKS_WAIT_S)
             for p in procs:
                 if p.outcome is None:
                     p.stop("interrupted")

@@ -319,6 +319,7 @@ def test_a_module_that_does_not_import_costs_only_its_own_tests(tmp_path):
     report, _ = _run(tmp_path, [rep.Stage("tests", "shared", "tests", 1, 60, commands, 0)])
     entry = report["stages"]["tests"]
     assert entry["counts"] == {"passed": 2, "error": 1}, entry  # each process reports it: counted once
+    assert entry["not_run"] == 0
     assert entry["failures"] == ["test_bad.py: error: E   ModuleNotFoundError: No module named 'no_such_module'"]
 
 
