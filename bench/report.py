@@ -200,8 +200,9 @@ def build_stages(args, work: Path) -> list:
     ]
 
 
-STAGE_NAMES = ["ours-attention", "ours-layernorm", "ours-loop", "tests", "cost", "train-compare", "peers-attention", "peers-layernorm",
-               "peers-loops", "compile-loops", "compile-layernorm", "attention-long", "race-ours", "race-torch"]
+STAGE_NAMES = ["ours-attention", "ours-layernorm", "ours-loop", "tests", "cost", "train-compare", "peers-attention",
+               "peers-layernorm", "peers-loops", "compile-loops", "compile-layernorm", "attention-long", "race-ours",
+               "race-torch"]
 
 
 def mark_unrunnable(stages: list, args) -> None:

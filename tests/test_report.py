@@ -115,6 +115,11 @@ def test_help_explains_every_option():
             assert action.help and len(action.help) > 20, action.option_strings
 
 
+def test_the_stage_names_are_the_ones_built():
+    built = [s.name for argv in ([], ["--full-run"]) for s in rep.build_stages(rep.parse_args(argv), Path("/x"))]
+    assert built == rep.STAGE_NAMES
+
+
 def test_plan_needs_no_gpu_and_names_every_stage(tmp_path, capsys):
     assert rep.main(["--plan", "--data", str(tmp_path / "missing.txt")]) == 0
     out = capsys.readouterr().out
@@ -133,8 +138,8 @@ def test_the_default_plan_fits_the_budget_even_when_every_stage_runs_to_its_limi
         stages = rep.build_stages(args, Path("/nonexistent"))
         # Our figures come first: by the estimates, the headline stages all run.
         kept = {s.name for s, limit, _ in rep.predict(stages, budget) if limit is not None}
-        assert kept >= ({"race-ours", "race-torch"} if argv else
-                        {"ours-attention", "ours-layernorm", "ours-loop", "tests", "cost", "train-compare", "compile-loops"})
+        headline = {"ours-attention", "ours-layernorm", "ours-loop", "tests", "cost", "train-compare", "compile-loops"}
+        assert kept >= ({"race-ours", "race-torch"} if argv else headline)
         # Worst case: each stage that runs takes its whole (cut) limit; the steps still sum within the budget.
         by_step = {}
         for s, limit, _ in rep.predict(stages, budget, worst_case=True):
@@ -442,8 +447,8 @@ def test_a_training_run_is_read_from_its_output(tmp_path):
 
 
 def test_parse_training_without_a_time_line():
-    run = rep.parse_training(["iter 100/5000 | loss 2.5 | 4.0 ms/iter | x", "iter 200/5000 | loss 2.4 | 6.0 ms/iter | x",
-                              "iter 300/5000 | loss 2.3 | 5.0 ms/iter | x"])
+    lines = [f"iter {i}/5000 | loss 2.5 | {ms} ms/iter | x" for i, ms in ((100, 4.0), (200, 6.0), (300, 5.0))]
+    run = rep.parse_training(lines)
     assert run["best_val"] is None and "training_s" not in run
     assert run["iters_done"] == 300 and run["max_iters"] == 5000
     assert run["steps_per_s"] == pytest.approx(200.0)  # from the median ms/iter
@@ -478,7 +483,8 @@ def test_the_cost_report_is_read_and_shown_beside_the_measured(tmp_path):
            "shape": [16384, 384], "dtype": "torch.bfloat16", "do_bench_median_us": 9.0, "gb_per_s": 1.0}]
     report["benchmarks"] = att + ln
     text = rep.render(report)
-    assert "| _attn_fwd_kernel | bf16 D=64 causal dropout lse [model] | 168 | 65536 | 0 | True | 600 | 9,000,000 | 10.00 |" in text
+    assert ("| _attn_fwd_kernel | bf16 D=64 causal dropout lse [model] | 168 | 65536 | 0 | True | 600 | 9,000,000 "
+            "| 10.00 |") in text
     assert "| attention | fwd | 0.2 | _attn_fwd_kernel | 10.00 | 30.0 | 3.00 |" in text
     # The backward: its kernels' predictions summed, against fwd+bwd less fwd.
     assert "| attention | bwd | 0.2 | _attn_bwd_dkdv_kernel + _attn_bwd_dq_kernel | 40.00 | 80.0 | 2.00 |" in text
@@ -519,8 +525,9 @@ def test_the_report_on_a_gpu_writes_its_outputs_after_each_stage(tmp_path):
     corpus = tmp_path / "input.txt"
     corpus.write_text(("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 400)[:20000])
     out = tmp_path / "out"
-    proc = subprocess.Popen([PY, "bench/report.py", "--only", "ours-attention", "--only", "train-compare", "--iters", "20",
-                             "--data", str(corpus), "--out-dir", str(out), "--no-results-md", "--budget", "200"],
+    proc = subprocess.Popen([PY, "bench/report.py", "--only", "ours-attention", "--only", "train-compare",
+                             "--iters", "20", "--data", str(corpus), "--out-dir", str(out), "--no-results-md",
+                             "--budget", "200"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     snapshots = []
     while proc.poll() is None:
