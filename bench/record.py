@@ -18,7 +18,7 @@ not one of the N collected).
 Two things for a first run on a GPU, where a kernel may crash or hang:
 - A failure with a sticky CUDA error (an illegal memory access, a device-side assert, ...) leaves
   the process's CUDA context broken, so every later test in it would fail too: the process stops
-  there, and (with --share-dir) the other processes take the tests it would have run.
+  there, and (with --share-dir) the other processes take the tests it had not claimed yet.
 - On SIGUSR1 (bench/report.py sends it just before it ends a process at its limit) the Python
   stacks of every thread go to PATH.stacks: where it hung. (Not on SIGTERM: code under test, such
   as train.py's interrupt handling, installs SIGTERM handlers of its own.)

@@ -54,8 +54,8 @@ other (race-ours: estimate 70 s, limit 100 s; race-torch: estimate 120 s, limit 
 by default): wall time from launch to the last line, start-up, steps per second, best and final val
 loss, side by side.
 
-Files under --out-dir (at most 4 files, each rewritten in place, so a copy taken at any moment is
-whole; a lent GPU machine brings back at most 8 files of 16 MiB):
+Files under --out-dir (4 files, each rewritten through a .tmp beside it and a rename, so a copy taken
+at any moment is whole; a lent GPU machine brings back at most 8 files of 16 MiB):
   report.json          every figure and every stage's outcome (after each stage, test and benchmark)
   RESULTS-section.md   the section for bench/RESULTS.md (likewise)
   report.png           ours against the peers, drawn after each stage (needs matplotlib; else
