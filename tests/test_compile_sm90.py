@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.compile_check import ISSUE_RATE, analyze_sass, find_loops, parse_sass
+from bench.compile_check import ISSUE_RATE, analyze_sass, dot_paths, find_loops, parse_sass
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "compile_check.py"
@@ -113,7 +113,7 @@ SASS = """
         /*0080*/                   NOP ;                                       /* 0x0000000000007918 */
         /*0090*/                   IADD3 R8, R8, 0x1, RZ ;                     /* 0x0000000108087810 */
         /*00a0*/              @!P3 BRA 0xf0 ;                                  /* 0x0000000000000947 */
-        /*00b0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ; /* 0x0 */
+        /*00b0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0 ; /* 0x0 */
         /*00c0*/                   STL [R1], R24 ;                             /* 0x0 */
         /*00d0*/               @P4 BRA 0xb0 ;                                  /* 0xfffffffc00000947 */
         /*00e0*/               @P5 BRA 0x90 ;                                  /* 0xfffffffc00000947 */
@@ -145,6 +145,8 @@ def test_sass_parser_finds_loops_and_nesting():
     assert cost["straight_instructions"] == 18 - 3 - 8  # outside every loop
     assert cost["ldg"] == {128: 1, 64: 1} and cost["stg"] == {16: 1}
     assert (cost["ldl"], cost["stl"], cost["hgmma_sass"]) == (0, 1, 1)
+    assert cost["loop_hgmma"] == [0, 0, 1]  # in the inner loop only
+    assert instrs[11].opcode == "HGMMA.64x64x16.F32.BF16" and cost["hgmma_shapes"] == ["64x64x16"]
 
 
 def test_sass_parser_without_loops():
@@ -152,3 +154,14 @@ def test_sass_parser_without_loops():
                      enumerate(["S2R R0, SR_TID.X", "@P0 BRA 0x30", "FADD R1, R1, R2", "EXIT", "BRA 0x40"]))
     cost = analyze_sass(text)
     assert cost["loop_instructions"] == [] and cost["instructions"] == cost["straight_instructions"] == 4
+
+
+def test_dot_paths():
+    bf16 = "%qk = tt.dot %q, %k, %c, inputPrecision = tf32 : tensor<128x64xbf16> * tensor<64x64xbf16> -> tensor<128x64xf32>"
+    fp32 = "%qk = tt.dot %q, %k, %c, inputPrecision = ieee : tensor<64x64xf32> * tensor<64x64xf32> -> tensor<64x64xf32>"
+    wgmma = "%qk = ttng.warp_group_dot %q, %k, %c {isAsync = true} : ...\n%x = ttng.warp_group_dot_wait %qk"
+    assert dot_paths(f"{bf16}\n{bf16}", f"{wgmma}\n{wgmma}", hgmma_sass=8) == (True, 2, 2)
+    assert dot_paths(f"{bf16}\n{bf16}", wgmma, hgmma_sass=4) == (False, 2, 1)  # one dot left on mma v2
+    assert dot_paths(bf16, wgmma, hgmma_sass=0) == (False, 1, 1)  # no HGMMA in the SASS
+    assert dot_paths(fp32, "", hgmma_sass=0) == (None, 1, 0)  # the exact FMA path, by design
+    assert dot_paths("", "", hgmma_sass=0) == (None, 0, 0)  # no dot at all
