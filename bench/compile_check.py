@@ -1093,7 +1093,7 @@ def _main(args, t0) -> int:
         return EXIT_UNAVAILABLE
     ptxas_version = probe.stdout.strip().splitlines()
     print(f"triton {triton.__version__} | torch {torch.__version__} | GPUTarget('cuda', {TARGET_ARCH}, {WARP_SIZE}) | "
-          f"{ptxas} ({ptxas_version[-1] if ptxas_version else '?'})")
+          f"{ptxas} ({', '.join(ptxas_version[-2:]) or '?'})")
 
     rec = Recorder()
     with rec.active():
