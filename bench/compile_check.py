@@ -61,21 +61,25 @@ and reads each variant's SASS (cuobjdump -sass, from Triton's package):
   included), times the warps of a program; and the issue-bound time, warp-instructions /
   (132 SMs x 4 schedulers x 1.755 GHz), a floor that ignores memory and latency.
 
-Then per call (a launcher call: the backward is three launches) the sums, and issues 10 and 11's
-static targets as ratios. --json writes one record per variant (kernel, variant, regs, smem,
+Then per call (a launcher call: the backward is three launches) the sums, their total over one
+training step (STEP_CALLS), and issues 10 and 11's static targets as ratios. --json writes one record per variant (kernel, variant, regs, smem,
 spill_bytes, hgmma, loop_instructions, trips, straight_instructions, programs, warp_instructions,
 issue_us, and more); --dump-dir keeps each variant's ttir, ttgir, ptx, cubin and sass. --quick with
---cost: the calls with dropout only, one variant of each kernel (the test). The SASS loops are
-listed in address order; ptxas lays these kernels' sequential loops out in the order they run (the
-masked loop of dK/dV, first in its source, is the first in its SASS), but when in doubt, read the
-dumped .sass; the records' loop_inf_selects (selects of -inf per loop) mark the causally masked ones. A trip-count model that expects another number of loops than
-the SASS has is an error: the report says which, and leaves the warp-instructions unknown.
+--cost: the calls with dropout only, one variant of each kernel (the test).
+
+When a kernel's loops change (a loop added, removed, split, or new bounds), change its function in
+TRIP_MODELS (below, "Trip-count models") in the same commit: it returns, for one program, the trips
+of each SASS loop in SASS (address) order. ptxas lays these kernels' sequential loops out in the
+order they run (dK/dV's masked loop, first in its source, is first in its SASS); to check, read the
+dumped .sass, or the records' loop_inf_selects (selects of -inf per loop: the causally masked loops
+have them). A new kernel needs an entry too. A model that gives another number of loops than the
+SASS has is an error: the report names it and leaves the warp-instructions unknown.
 
 Exit status: 0 all variants compile (and with --cost, every cost is known); 1 at least one FAIL (or
 a cost left unknown: a kernel without a trip-count model, or one whose loops changed); 77
-compilation cannot run here (no CUDA backend or no ptxas in this Triton), so a test can skip. TRITON_INTERPRET is removed from the
-environment before triton is imported: under the interpreter @triton.jit gives interpreted
-functions, which cannot be compiled.
+compilation cannot run here (no CUDA backend or no ptxas in this Triton), so a test can skip.
+TRITON_INTERPRET is removed from the environment before triton is imported: under the interpreter
+@triton.jit gives interpreted functions, which cannot be compiled.
 """
 
 from __future__ import annotations
@@ -432,6 +436,12 @@ def capture_cost(rec: Recorder, group: str, quick: bool):
             L._sm_count = sm_count
 
 
+# The calls one training step makes (6 blocks: attention and two add_layer_norm each; the first
+# block's ln1 is a layer_norm; the last add_layer_norm applies ln_f and its s has no later use).
+STEP_CALLS = {"attention forward, dropout, lse": 6, "attention backward, dropout": 6, "layer_norm forward": 1,
+              "add_layer_norm forward, dropout": 12, "layer_norm backward": 1,
+              "add_layer_norm backward, dropout, ds": 11, "add_layer_norm backward, dropout (ln_f)": 1}
+
 # Issues 10 and 11's static targets, as ratios of calls' warp-instructions:
 # (what, numerator call, denominator call, kernel-name regex restricting both sides or None, target).
 COST_RATIOS = [
@@ -532,6 +542,8 @@ def analyze_sass(text: str) -> dict:
     n_code = _code_length(instrs)
     code = instrs[:n_code]
     loops, warnings_ = find_loops(code)
+    if any(ins.opcode.startswith("CALL") for ins in code):
+        warnings_.append("the SASS calls a subroutine: its body is counted as straight-line code, once")
     outer = [l for l in loops if l["depth"] == 0]
     ldg, stg = {}, {}
     for ins in code:
@@ -995,9 +1007,15 @@ def print_cost_report(records: list[dict], launches: list[Launch], results_by_ke
         print(f"| {call} | {names} | {'unknown' if total is None else f'{total:,}'} | "
               f"{'?' if total is None else f'{issue_us(total):.2f}'} |")
 
-    def call_sum(call, kernel_re):
+    def call_sum(call, kernel_re=None):  # None when the call (or its kernels) was not captured or is unknown
         parts = [w for k, w in calls.get(call, []) if kernel_re is None or re.search(kernel_re, k)]
         return None if not parts or any(w is None for w in parts) else sum(parts)
+
+    step = [(n, call_sum(call)) for call, n in STEP_CALLS.items()]
+    if all(w is not None for _, w in step):
+        total = sum(n * w for n, w in step)
+        print(f"| one training step's attention and LayerNorm calls ({sum(STEP_CALLS.values())}) | | "
+              f"{total:,} | {issue_us(total):.2f} |")
 
     lines = []
     for what, num, den, kernel_re, target in COST_RATIOS:
