@@ -463,6 +463,13 @@ COST = [
      "spill_bytes": 0, "hgmma": True, "loop_instructions": [800], "warp_instructions": 20_000_000, "issue_us": 25.0},
     {"kernel": "_attn_bwd_dq_kernel", "variant": "bf16 D=64 causal dropout [model]", "regs": 200, "smem": 65536,
      "spill_bytes": 0, "hgmma": True, "loop_instructions": [700], "warp_instructions": 12_000_000, "issue_us": 15.0},
+    # No dropout flag: compiled once, recorded under the first call (with dropout); it serves both.
+    {"kernel": "_attn_bwd_preprocess_kernel", "variant": "bf16 D=64 causal dropout [model]", "regs": 32, "smem": 256,
+     "spill_bytes": 0, "hgmma": None, "loop_instructions": [], "warp_instructions": 1_000_000, "issue_us": 2.0},
+    {"kernel": "_attn_bwd_dkdv_kernel", "variant": "bf16 D=64 causal [model]", "regs": 190, "smem": 98304,
+     "spill_bytes": 0, "hgmma": True, "loop_instructions": [500], "warp_instructions": 16_000_000, "issue_us": 20.0},
+    {"kernel": "_attn_bwd_dq_kernel", "variant": "bf16 D=64 causal [model]", "regs": 140, "smem": 49152,
+     "spill_bytes": 0, "hgmma": True, "loop_instructions": [400], "warp_instructions": 7_000_000, "issue_us": 8.0},
     {"kernel": "_ln_fwd_kernel", "variant": "x=bf16 w,b=fp32 C=384 weight bias residual+dropout stats [model]",
      "regs": 40, "smem": 0, "spill_bytes": 0, "hgmma": None, "loop_instructions": [], "warp_instructions": 1_000_000,
      "issue_us": 2.0},
@@ -478,16 +485,22 @@ def test_the_cost_report_is_read_and_shown_beside_the_measured(tmp_path):
     report, _ = _run(tmp_path, [stage])
     assert report["cost"] == COST
     att = [{"name": "test_bench_attention[triton-...]", "provider": "triton", "mode": mode, "shape": [64, 256, 6, 64],
-            "dropout_p": 0.2, "do_bench_median_us": us} for mode, us in (("fwd", 30.0), ("fwd+bwd", 110.0))]
+            "dropout_p": p, "do_bench_median_us": us}
+           for mode, p, us in (("fwd", 0.2, 30.0), ("fwd+bwd", 0.2, 114.0), ("fwd", 0.0, 20.0), ("fwd+bwd", 0.0, 64.0))]
     ln = [{"name": "test_bench_layernorm[...]", "provider": "triton", "op": "add_layer_norm", "mode": "fwd",
            "shape": [16384, 384], "dtype": "torch.bfloat16", "do_bench_median_us": 9.0, "gb_per_s": 1.0}]
     report["benchmarks"] = att + ln
     text = rep.render(report)
-    assert ("| _attn_fwd_kernel | bf16 D=64 causal dropout lse [model] | 168 | 65536 | 0 | True | 600 | 9,000,000 "
+    assert ("| _attn_fwd_kernel | bf16 D=64 causal dropout lse [model] | 168 | 65536 | 0 | yes | 600 | 9,000,000 "
             "| 10.00 |") in text
     assert "| attention | fwd | 0.2 | _attn_fwd_kernel | 10.00 | 30.0 | 3.00 |" in text
-    # The backward: its kernels' predictions summed, against fwd+bwd less fwd.
-    assert "| attention | bwd | 0.2 | _attn_bwd_dkdv_kernel + _attn_bwd_dq_kernel | 40.00 | 80.0 | 2.00 |" in text
+    # The backward: its kernels' issue-bound times summed, against fwd+bwd less fwd; the preprocess
+    # kernel, recorded once, counts for both dropout settings.
+    assert ("| attention | bwd | 0.2 | _attn_bwd_dkdv_kernel + _attn_bwd_dq_kernel + _attn_bwd_preprocess_kernel | "
+            "42.00 | 84.0 | 2.00 |") in text
+    assert ("| attention | bwd | 0.0 | _attn_bwd_dkdv_kernel + _attn_bwd_dq_kernel + _attn_bwd_preprocess_kernel | "
+            "30.00 | 44.0 | 1.47 |") in text
+    assert "| _attn_bwd_preprocess_kernel | bf16 D=64 causal dropout [model] | 32 | 256 | 0 | - | - |" in text
     assert "| add_layer_norm | fwd | 0.2 | _ln_fwd_kernel | 2.00 | 9.0 | 4.50 |" in text
     assert "| _dropout_mask_kernel | [model] | FAIL: did not compile |" in text
 
