@@ -86,6 +86,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1133,7 +1134,7 @@ def main(argv=None, log=None) -> int:
     report = new_report(
         mode="full-run" if args.full_run else "report", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
         triton=triton.__version__, cuda=torch.version.cuda, commit=_git_commit(),
-        command="python bench/report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command="python bench/report.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         data=str(args.data) if args.data.is_file() else None)
     outputs = Outputs(args.out_dir, None if args.no_results_md else RESULTS_MD, log)
     work = Path(tempfile.mkdtemp(prefix="triton-gpt-report-"))
@@ -1152,6 +1153,10 @@ def main(argv=None, log=None) -> int:
         except Interrupted as e:
             report["notes"].append(f"interrupted by {e} after {run.elapsed():.0f} s")
             code = 130
+        except Exception as e:  # noqa: BLE001 - a fault of the report's own keeps what it had written
+            traceback.print_exc()
+            report["notes"].append(f"the report itself failed after {run.elapsed():.0f} s: {type(e).__name__}: {e}")
+            code = 1
         report["seconds"] = round(run.elapsed(), 1)
         outputs.write(report, draw=True)
     finally:

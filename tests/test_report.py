@@ -599,3 +599,24 @@ def _has_matplotlib():
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pretends there is a GPU; on one the GPU test covers main")
+def test_a_fault_in_the_report_itself_keeps_what_it_had_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "pretend GPU")
+    first = _stage("first", "print('measured')", step=0, kind="cost")
+    second = _stage("second", "print('step 0: train loss 4.2, val loss 4.3')", step=1, kind="train")
+    monkeypatch.setattr(rep, "build_stages", lambda args, work: [first, second])
+
+    def broken(proc):
+        raise KeyError("a field the parser expected")
+
+    monkeypatch.setattr(rep, "summarize_training", broken)
+    out = tmp_path / "out"
+    assert rep.main(["--out-dir", str(out), "--no-results-md", "--data", __file__], log=lambda msg: None) == 1
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["stages"]["first"]["status"] == "ok"
+    assert saved["notes"][-1].startswith("the report itself failed after ")
+    assert "KeyError" in saved["notes"][-1]
+    assert "second / p0" in (out / "report.log").read_text()
