@@ -9,8 +9,10 @@ process group, killed whole at its limit, and every figure is written the moment
 stage that fails, hangs or is killed costs only that stage, and a run cut short still brings back
 everything measured before.
 
-The stages, in order (estimates for an H100/H200 with cold Triton and inductor caches; each
-includes about 8 s to start a process that imports torch and initialises CUDA):
+The stages, in order. The estimates are reasoned from what each stage runs, for an H100/H200 with
+cold Triton and inductor caches (each includes about 8 s to start a process that imports torch and
+initialises CUDA; a Triton kernel variant takes 1-2 s to compile), not yet measured: replace them
+with the seconds the first GPU run reports (the section's "took s" column).
 
   stage              what it runs                                                    estimate  limit
   ours-attention     our attention at the model's shape (B64-T256, p 0 and 0.2, fwd and      25 s   60 s
@@ -63,7 +65,8 @@ at any moment is whole; a lent GPU machine brings back at most 8 files of 16 MiB
   report.log           each stage's whole output, appended when it ends (each process's output
                        capped at 512 KB: its first 128 KB and last 384 KB)
 Without --no-results-md the section is also kept appended to bench/RESULTS.md as it grows.
-Give the command that runs the report a time limit of at least the budget plus a minute.
+Give the command that runs the report a time limit of at least the budget plus a minute, and bring
+the training text along (data/ is not in git, and a lent machine has no network).
 
 Exit status: 0 every stage that ran finished cleanly; 1 a stage failed or was killed, or a test
 failed; 2 the report cannot run here (no CUDA GPU; --full-run without data); 130 interrupted (the
