@@ -853,16 +853,21 @@ def cost_table(records, results):
         key = _cost_op(r)
         if key is not None and r.get("issue_us") is not None:
             ops.setdefault(key, []).append(r)
-    # A kernel with no flag for dropout (the backward's preprocess) is compiled, and recorded, once,
-    # under the first call that launched it: it serves the op's other dropout setting too.
-    recorded_under = {}  # (op, mode, kernel) -> the dropout settings it has records for
+    # A kernel whose variant does not depend on the op's flags (attention's backward preprocess, a
+    # LayerNorm reduction) is compiled, and recorded, once, under the first call that launched it:
+    # it serves the other calls of its kind (attention or LayerNorm) and mode too.
+    def kind(op):
+        return "attention" if op == "attention" else "layernorm"
+
+    recorded_under = {}  # (kind, mode, kernel) -> the (op, dropout) it has records for
     for (op, mode, p), recs in ops.items():
         for r in recs:
-            recorded_under.setdefault((op, mode, r["kernel"]), set()).add(p)
+            recorded_under.setdefault((kind(op), mode, r["kernel"]), set()).add((op, p))
     for (op, mode, p), recs in ops.items():
-        for (op2, mode2, kernel), settings in recorded_under.items():
-            if (op2, mode2) == (op, mode) and p not in settings and len(settings) == 1:
-                recs += [r for r in ops[(op, mode, *settings)] if r["kernel"] == kernel]
+        for (k, mode2, kernel), under in recorded_under.items():
+            if (k, mode2) == (kind(op), mode) and len(under) == 1 and (op, p) not in under:
+                (op1, p1), = under
+                recs += [r for r in ops[(op1, mode, p1)] if r["kernel"] == kernel]
     if ops:
         lines += ["", "Issue-bound time (warp-instructions over 132 SMs x 4 schedulers x 1.755 GHz: a floor, "
                   "summed over the op's kernels) against our measured time (do_bench median at the model's shape, "

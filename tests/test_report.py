@@ -473,6 +473,19 @@ COST = [
     {"kernel": "_ln_fwd_kernel", "variant": "x=bf16 w,b=fp32 C=384 weight bias residual+dropout stats [model]",
      "regs": 40, "smem": 0, "spill_bytes": 0, "hgmma": None, "loop_instructions": [], "warp_instructions": 1_000_000,
      "issue_us": 2.0},
+    {"kernel": "_ln_fwd_kernel", "variant": "x=bf16 w,b=fp32 C=384 weight bias stats [model]",
+     "regs": 40, "smem": 0, "spill_bytes": 0, "hgmma": None, "loop_instructions": [], "warp_instructions": 500_000,
+     "issue_us": 1.0},
+    {"kernel": "_ln_bwd_kernel", "variant": "x=bf16 w,b=fp32 C=384 weight bias dropout ds [model]",
+     "regs": 100, "smem": 8192, "spill_bytes": 0, "hgmma": None, "loop_instructions": [900],
+     "warp_instructions": 3_000_000, "issue_us": 6.0},
+    {"kernel": "_ln_bwd_kernel", "variant": "x=bf16 w,b=fp32 C=384 weight bias [model]",
+     "regs": 100, "smem": 8192, "spill_bytes": 0, "hgmma": None, "loop_instructions": [500],
+     "warp_instructions": 2_000_000, "issue_us": 4.0},
+    # A reduction whose variant does not depend on dropout or ds: one record, under the first call.
+    {"kernel": "_ln_bwd_reduce_kernel", "variant": "x=bf16 w,b=fp32 C=384 weight bias dropout ds [model]",
+     "regs": 30, "smem": 0, "spill_bytes": 0, "hgmma": None, "loop_instructions": [50],
+     "warp_instructions": 100_000, "issue_us": 0.5},
     {"kernel": "_dropout_mask_kernel", "variant": "[model]", "error": "did not compile"},
 ]
 
@@ -502,6 +515,9 @@ def test_the_cost_report_is_read_and_shown_beside_the_measured(tmp_path):
             "30.00 | 44.0 | 1.47 |") in text
     assert "| _attn_bwd_preprocess_kernel | bf16 D=64 causal dropout [model] | 32 | 256 | 0 | - | - |" in text
     assert "| add_layer_norm | fwd | 0.2 | _ln_fwd_kernel | 2.00 | 9.0 | 4.50 |" in text
+    assert "| layer_norm | fwd | 0.0 | _ln_fwd_kernel | 1.00 | - | - |" in text
+    assert "| add_layer_norm | bwd | 0.2 | _ln_bwd_kernel + _ln_bwd_reduce_kernel | 6.50 | - | - |" in text
+    assert "| layer_norm | bwd | 0.0 | _ln_bwd_kernel + _ln_bwd_reduce_kernel | 4.50 | - | - |" in text
     assert "| _dropout_mask_kernel | [model] | FAIL: did not compile |" in text
 
 
