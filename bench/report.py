@@ -472,6 +472,7 @@ def not_run(entry: dict, stage: Stage):
 
 STEP_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER_LINE = re.compile(r"iter (\d+)/(\d+) \| loss ([\d.]+) \| ([\d.]+) ms/iter")
+TIME_LINE = re.compile(r"\btime: [\d.]+ s = ")
 TIME_FIELDS = {"total_s": r"time: ([\d.]+) s", "startup_s": r"start-up ([\d.]+)", "training_s": r"training ([\d.]+)",
                "evaluation_s": r"evaluation ([\d.]+)", "sampling_s": r"sampling ([\d.]+)",
                "tokens_per_s": r"([\d,]+) tok/s", "mfu": r"MFU ([\d.]+%|n/a)"}
@@ -482,7 +483,8 @@ def parse_training(lines: list) -> dict:
     any part missing stays missing (None or empty)."""
     steps = [[int(m[1]), float(m[2]), float(m[3])] for m in (STEP_LINE.search(ln) for ln in lines) if m]
     iters = [(int(m[1]), int(m[2]), float(m[4])) for m in (ITER_LINE.search(ln) for ln in lines) if m]
-    time_line = next((ln for ln in reversed(lines) if ln.startswith("time:")), "")
+    # "time: 41.2 s = start-up ...", maybe behind a prefix ("train.py: time: ...").
+    time_line = next((ln for ln in reversed(lines) if TIME_LINE.search(ln)), "")
     timing = {}
     for key, pattern in TIME_FIELDS.items():
         m = re.search(pattern, time_line)

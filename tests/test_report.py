@@ -446,6 +446,15 @@ def test_a_training_run_is_read_from_its_output(tmp_path):
     assert "| best val loss | 2.0500 | 4.3000 |" in text and "| outcome | exit 0 | exit 1 |" in text
 
 
+def test_parse_training_reads_the_time_line_behind_a_prefix():
+    run = rep.parse_training(["step 0: train loss 4.2000, val loss 4.2100",
+                              "train.py: time: 41.2 s = start-up 3.1 + training 30.0 + evaluation 6.0 + sampling 2.1; "
+                              "6.0 ms/iter | 2,730,667 tok/s | MFU 31.5%; checkpoint model.pth"])
+    assert (run["total_s"], run["startup_s"], run["training_s"], run["evaluation_s"], run["sampling_s"]) == (
+        41.2, 3.1, 30.0, 6.0, 2.1)
+    assert run["tokens_per_s"] == 2_730_667 and run["mfu"] == "31.5%"
+
+
 def test_parse_training_without_a_time_line():
     lines = [f"iter {i}/5000 | loss 2.5 | {ms} ms/iter | x" for i, ms in ((100, 4.0), (200, 6.0), (300, 5.0))]
     run = rep.parse_training(lines)
