@@ -16,10 +16,11 @@ is kept so backward recomputes P_ij = 2^(c (Q K^T)_ij - lse_i).
 Backward. With Pd = P o Z / (1 - p), the dropped weights, O = Pd V gives
   dV = Pd^T dO,  dP = (dO V^T) o Z / (1 - p),  dS = P o (dP - delta),  dQ = s dS K,  dK = s dS^T Q,
   delta_i = sum_j P_ij dP_ij = sum_j Pd_ij (dO V^T)_ij = rowsum(dO o O)_i   (dropout included).
-The 1 / (1 - p) is taken out of the loops: with delta' = (1 - p) delta (the preprocess kernel stores
-that), dS = P o ((dO V^T) o Z - delta') / (1 - p), so the loops apply only Z, and dV, dK, dQ are
-scaled once at the end. One kernel owns a key block and walks the query blocks (dK, dV: one
-warpgroup, S and dP computed once), another owns a query block and walks the key blocks (dQ). Every
+The 1 / (1 - p) is taken out of the loops: with delta' = (1 - p) delta, dS = P o ((dO V^T) o Z -
+delta') / (1 - p), so the loops apply only Z, and dV, dK, dQ are scaled once at the end. One kernel
+owns a query block and walks the key blocks (dQ); it runs first and also computes its rows' delta'
+(it loads dO anyway) for the other, which owns a key block and walks the query blocks (dK, dV: one
+warpgroup, S and dP computed once). Every
 gradient element is written by one program in a fixed order: bitwise repeatable, no atomics. No
 (T, T) matrix is ever stored.
 
@@ -162,24 +163,6 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, stride_o_b, stride_o_t, stride_o_h,
-                                stride_do_b, stride_do_t, stride_do_h, H, T_Q, delta_scale,
-                                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta' = (1 - p) rowsum(dO o O) in fp32, (B, H, Tq). Grid (cdiv(Tq, BLOCK_M), B * H)."""
-    off_bh = tl.program_id(1).to(tl.int64)
-    off_b, off_h = off_bh // H, off_bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < T_Q)[:, None] & _head_dim_mask(HEAD_DIM, BLOCK_D)[None, :]
-    o = tl.load(o_ptr + off_b * stride_o_b + off_h * stride_o_h + offs_m[:, None] * stride_o_t
-                + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_ptr + off_b * stride_do_b + off_h * stride_do_h + offs_m[:, None] * stride_do_t
-                 + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale
-    tl.store(delta_ptr + off_bh * T_Q + offs_m, delta, mask=offs_m < T_Q)
-
-
-@triton.jit
 def _attn_bwd_dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_q_t, stride_do_t,
                         start_n, offs_n, offs_d, mask_d, lo, hi, off_bh, T_Q, qk_scale, seed, threshold,
                         zero, MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -283,15 +266,16 @@ def _attn_bwd_dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_t, stride_v_
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
                         stride_q_b, stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h,
-                        stride_v_b, stride_v_t, stride_v_h, stride_do_b, stride_do_t, stride_do_h,
-                        stride_dq_b, stride_dq_t, stride_dq_h,
-                        H, T_Q, T_K, qk_scale, dq_scale, threshold,
+                        stride_v_b, stride_v_t, stride_v_h, stride_o_b, stride_o_t, stride_o_h,
+                        stride_do_b, stride_do_t, stride_do_h, stride_dq_b, stride_dq_t, stride_dq_h,
+                        H, T_Q, T_K, qk_scale, dq_scale, threshold, delta_scale,
                         IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    """One program: dQ of BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * H)."""
+    """One program: dQ of BLOCK_M queries of one (batch, head), and their delta' for the dK/dV
+    kernel, which runs after it. Grid (cdiv(Tq, BLOCK_M), B * H)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = off_bh // H, off_bh % H
@@ -304,8 +288,11 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                 + offs_d[None, :], mask=mask_md, other=0.0)
     do = tl.load(do_ptr + off_b * stride_do_b + off_h * stride_do_h + offs_m[:, None] * stride_do_t
                  + offs_d[None, :], mask=mask_md, other=0.0)
+    o = tl.load(o_ptr + off_b * stride_o_b + off_h * stride_o_h + offs_m[:, None] * stride_o_t
+                + offs_d[None, :], mask=mask_md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale  # (M,): (1 - p) rowsum(dO o O)
+    tl.store(delta_ptr + off_bh * T_Q + offs_m, delta, mask=mask_m)
     lse = tl.load(lse_ptr + off_bh * T_Q + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(delta_ptr + off_bh * T_Q + offs_m, mask=mask_m, other=0.0)
     k_ptr += off_b * stride_k_b + off_h * stride_k_h
     v_ptr += off_b * stride_v_b + off_h * stride_v_h
     seed = 0
@@ -359,7 +346,6 @@ _DEFAULT_CONFIGS = {
     "dq": {16: _Config(64, 64, 4, 2), 32: _Config(64, 64, 4, 2), 64: _Config(64, 64, 4, 2),
            128: _Config(64, 64, 8, 2)},
 }
-_PREPROCESS_BLOCK_M = 64
 
 
 def _block_d(head_dim: int) -> int:
@@ -458,27 +444,26 @@ def _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t, *, _co
     # Strided like the inputs where they are dense, contiguous otherwise (views into a packed
     # projection get contiguous gradients; autograd packs them back).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (B, T, H, D) each
-    delta = torch.empty((B, H, T_q), dtype=torch.float32, device=q.device)  # (B, H, T)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T_q, _PREPROCESS_BLOCK_M), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T_q, 1.0 - p_eff,
-        BLOCK_M=_PREPROCESS_BLOCK_M, HEAD_DIM=D, BLOCK_D=block_d)
+    delta = torch.empty((B, H, T_q), dtype=torch.float32, device=q.device)  # (B, H, T), written by dQ's kernel
     q_run, qk_scale = _positive_scale(q, scale)
     common = dict(IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, HEAD_DIM=D, BLOCK_D=block_d,
                   DOT_PRECISION=_dot_precision(q.dtype))
     seed_arg = seed_t if has_dropout else q
     # dK = s dS^T Q = |s| dS^T q_run; dQ = s dS K. Both and dV carry the 1 / (1 - p) of the loops.
     grad_scale = abs(scale) * keep_scale
+    # dQ's kernel first: it also writes delta', which the dK/dV kernel reads.
+    _attn_bwd_dq_kernel[(triton.cdiv(T_q, dq_cfg.block_m), B * H)](
+        q_run, k, v, o, do, lse, delta, dq, seed_arg, *q_run.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T_q, T_k, qk_scale,
+        math.copysign(grad_scale, scale), threshold, 1.0 - p_eff,
+        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, num_warps=dq_cfg.num_warps,
+        num_stages=dq_cfg.num_stages, **common)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T_k, dkdv_cfg.block_n), B * H)](
         q_run, k, v, do, lse, delta, dk, dv, seed_arg, *q_run.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, T_q, T_k, qk_scale, grad_scale, threshold, keep_scale,
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, num_warps=dkdv_cfg.num_warps,
         num_stages=dkdv_cfg.num_stages, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(T_q, dq_cfg.block_m), B * H)](
-        q_run, k, v, do, lse, delta, dq, seed_arg, *q_run.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], *dq.stride()[:3], H, T_q, T_k, qk_scale, math.copysign(grad_scale, scale), threshold,
-        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, num_warps=dq_cfg.num_warps,
-        num_stages=dq_cfg.num_stages, **common)
     return dq, dk, dv
 
 
