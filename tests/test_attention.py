@@ -200,17 +200,36 @@ def test_gradients_are_bitwise_repeatable(device):
             assert torch.equal(a, b), f"{name} is not bitwise repeatable"
 
 
-ALL_CONFIGS = sorted({cfg for table in _DEFAULT_CONFIGS.values() for cfg in table.values()}
-                     | {_Config(16, 16, 4, 1), _Config(32, 128, 4, 1), _Config(64, 32, 4, 1)})
+def _table_configs():
+    """Every configuration the launchers can pick: the defaults and the measured table's entries."""
+    from kernels.attention_configs import TABLE
+    return ({cfg for table in _DEFAULT_CONFIGS.values() for cfg in table.values()}
+            | {_Config(*cfg) for entry in TABLE.values() for cfg in entry.values()})
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS,
-                         ids=lambda c: f"M{c.block_m}-N{c.block_n}-w{c.num_warps}-s{c.num_stages}")
-def test_dropout_mask_same_under_every_block_config(config, device):
-    """Every block shape applies dropout_keep_mask's mask, forward and backward."""
+def _tune_candidates():
+    """What bench/tune.py may write into the table (for the model's head dim)."""
+    from bench.tune import KERNELS, candidates
+    return {cfg for kernel in KERNELS for cfg in candidates(kernel, 64)}
+
+
+def _config_id(c):
+    return f"M{c.block_m}-N{c.block_n}-w{c.num_warps}-s{c.num_stages}"
+
+
+TABLE_CONFIGS = sorted(_table_configs() | {_Config(16, 16, 4, 1), _Config(32, 128, 4, 1)})
+CONFIG_CASES = ([pytest.param(c, torch.float32, id=f"{_config_id(c)}-fp32") for c in TABLE_CONFIGS]
+                + [pytest.param(c, torch.float16, id=f"{_config_id(c)}-fp16")
+                   for c in sorted(set(TABLE_CONFIGS) | _tune_candidates())])
+
+
+@pytest.mark.parametrize("config, dtype", CONFIG_CASES)
+def test_every_config_applies_the_same_mask_and_is_correct(config, dtype, device):
+    """Every block shape the table, the defaults or bench/tune.py can choose applies
+    dropout_keep_mask's mask, forward and backward, and matches the reference."""
     B, T, H, D, p, seed = 1, 100, 2, 32, 0.3, 11
-    q, k, v = (_randn((B, T, H, D), torch.float32, device) for _ in range(3))
-    do = _randn((B, T, H, D), torch.float32, device)
+    q, k, v = (_randn((B, T, H, D), dtype, device) for _ in range(3))
+    do = _randn((B, T, H, D), dtype, device)
     scale, seed_t = D ** -0.5, seed_tensor(seed, device)
     out, lse = _attn_forward(q, k, v, p, True, scale, seed_t, _config=config)
     grads = _attn_backward(do, q, k, v, out, lse, p, True, scale, seed_t, _configs=(config, config))
