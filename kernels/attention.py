@@ -20,9 +20,8 @@ The 1 / (1 - p) is taken out of the loops: with delta' = (1 - p) delta, dS = P o
 delta') / (1 - p), so the loops apply only Z, and dV, dK, dQ are scaled once at the end. One kernel
 owns a query block and walks the key blocks (dQ); it runs first and also computes its rows' delta'
 (it loads dO anyway) for the other, which owns a key block and walks the query blocks (dK, dV: one
-warpgroup, S and dP computed once). Every
-gradient element is written by one program in a fixed order: bitwise repeatable, no atomics. No
-(T, T) matrix is ever stored.
+warpgroup, S and dP computed once). Every gradient element is written by one program in a fixed
+order: bitwise repeatable, no atomics. No (T, T) matrix is ever stored.
 
 Causal blocks: key blocks the mask empties are skipped; the mask is applied only on blocks that
 straddle the diagonal (or the ragged end), the `MASKED` stage of each loop.

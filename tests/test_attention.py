@@ -125,6 +125,13 @@ def test_dropout_matches_reference_with_kernel_mask(shape, causal, dtype, device
     _check(q, k, v, keep_mask=mask, dropout_p=p, causal=causal, seed=1234)
 
 
+def test_dropout_below_half_a_step_is_no_dropout(device):
+    """p < 2^-17 rounds to a threshold of 0: nothing is dropped and nothing is rescaled."""
+    q, k, v = (_randn((1, 33, 2, 16), torch.float32, device) for _ in range(3))
+    assert dropout_threshold(1e-6) == (0, 0.0, 1.0)
+    assert torch.equal(flash_attention(q, k, v, dropout_p=1e-6, seed=3), flash_attention(q, k, v))
+
+
 def _binomial_close(count, n, prob, what):
     """count of n Bernoulli(prob) draws is within 6 standard deviations of n * prob."""
     sigma = math.sqrt(n * prob * (1 - prob))
