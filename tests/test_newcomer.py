@@ -111,6 +111,8 @@ def test_ctrl_c_during_a_long_evaluation_stops_it_with_a_checkpoint(corpus, tmp_
 
 def test_a_second_signal_quits_at_once(monkeypatch, capfd):
     """The second signal ends the process from the watcher thread, even while the main thread is busy."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
     exits = []
     done = threading.Event()
     monkeypatch.setattr(os, "_exit", lambda code: (exits.append(code), done.set()))
