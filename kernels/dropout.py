@@ -58,6 +58,7 @@ past C draw nothing a real column uses. `rows_keep` builds a (ROWS, BLOCK_C) mas
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import triton
@@ -83,6 +84,7 @@ class DropoutThreshold(NamedTuple):
     scale: float  # 1 / (1 - p): what kept values are multiplied by
 
 
+@functools.lru_cache(maxsize=256)  # a launcher asks on every call, with one or two distinct p a run
 def dropout_threshold(p: float) -> DropoutThreshold:
     """(threshold, effective p, scale) for a dropout probability 0 <= p < 1."""
     if not 0.0 <= p < 1.0:
