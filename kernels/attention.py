@@ -440,7 +440,7 @@ def _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, need_lse=True, *, _
     tensor, or None when dropout_p == 0. _config overrides the block table (tests, bench/tune.py).
     """
     B, T_q, H, D = q.shape
-    T_k = k.shape[1]
+    T_k, D = k.shape[1], int(D)  # D a plain int (a constexpr) even when torch.compile traces symbolic shapes
     threshold, _, keep_scale = dropout_threshold(dropout_p)
     has_dropout = threshold > 0
     cfg = _config or _launch_configs(q.device, q.dtype, D, causal, has_dropout)["fwd"]
@@ -461,7 +461,7 @@ def _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, need_lse=True, *, _
 def _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t, *, _configs=None, wrap_triton=_no_wrap):
     """(dq, dk, dv) for the output gradient do (B, Tq, H, D). _configs: (dkdv, dq) overrides."""
     B, T_q, H, D = q.shape
-    T_k = k.shape[1]
+    T_k, D = k.shape[1], int(D)  # as in _attn_forward
     threshold, p_eff, keep_scale = dropout_threshold(dropout_p)
     has_dropout = threshold > 0
     if _configs is None:
@@ -628,7 +628,7 @@ def flash_attention(q, k, v, dropout_p=0.0, causal=True, softmax_scale=None, see
     """
     device = _check_inputs(q, k, v, causal, softmax_scale)
     dropout_p = check_dropout_p(dropout_p)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = 1.0 / math.sqrt(int(q.shape[-1])) if softmax_scale is None else float(softmax_scale)
     seed_t = seed_tensor(seed, device) if dropout_p > 0.0 else None
     need_lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if traced():
