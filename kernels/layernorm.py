@@ -5,6 +5,14 @@ The math (over one row of C values, all in fp32):
     mean = sum(s) / C          rstd = 1 / sqrt(sum((s - mean)^2) / C + eps)
     xhat = (s - mean) * rstd   y = xhat * w + b
 
+s is the value stored, rounded to the compute dtype, which is also what backward reads: the
+statistics come from it, not from the unrounded sum. The mean takes two passes, the second
+corrected: mean0 = sum(s) / C, d = s - mean0, mean = mean0 + sum(d) / C and
+var = sum(d^2) / C - (sum(d) / C)^2. On a constant row d is the same everywhere, so mean is the
+row's value exactly and y = bias exactly, as PyTorch gives; on a row with a large mean and a small
+spread, d is exact and the mean is nearly correctly rounded. xhat is computed from the rounded
+fp32 mean in both directions, so forward and backward agree.
+
 Backward, with dy the upstream gradient and dxhat = dy * w (dy when there is no weight):
 
     dweight = sum over rows of dy * xhat        dbias = sum over rows of dy
@@ -16,23 +24,30 @@ The two means come from differentiating through mean and rstd: d(mean)/ds = 1/C 
 d(rstd)/ds = -rstd^3 (s - mean) / C, which collapse to the mean(dxhat) and xhat * mean(dxhat * xhat)
 terms. Only mean and rstd (fp32, one each per row) are saved; xhat is recomputed from s.
 
-dweight and dbias are reduced without atomics: the backward grid has a fixed number of programs,
-each walks a fixed set of row blocks and keeps fp32 partial sums in registers, writes one row of
-partials, and one torch .sum over those rows finishes the job. Same device, same bits, every run.
+Layout. A row is held as two pieces of power-of-two widths, the head (the largest power of two
+<= C) and the tail (the rest, rounded up, masked at C): C = 384 is 256 + 128, so no lane holds a
+padding column. A piece is (ROWS, K, 128): each thread holds 4 consecutive columns of each
+128-column sub-piece, so both pieces share one register layout, and with ROWS = num_warps a warp
+owns a row and every row sum stays inside the warp (shuffles, no shared memory, no barrier).
+
+dweight and dbias are reduced without atomics. The backward grid has as many programs as fit on
+the GPU at once (from the compiled kernel's registers and shared memory). Each walks a fixed set
+of row blocks, accumulating dy * xhat and dy per element in registers; after its last block it
+sums them over its rows and writes one row of the (P, 2, C) partials. One small kernel sums those
+over P in a fixed order and casts to the parameters' dtype. Same device, same bits, every run.
 
 Dropout bits are not stored: backward draws them again with the forward's helper, `_dropout_keep`,
 which `dropout_keep_mask` runs too. Philox (tl.randint4x, the generator behind tl.rand) returns four
 32-bit words per counter. Element (row, col) of x viewed as (rows, C) takes word col % 4 of counter
 row * ceil(C / 4) + col // 4, mapped to [0, 1) as tl.rand does, and is kept when that is >= p. One
-Philox call thus serves four columns, and the bits depend on (seed, row, col) only, never on ROWS,
-BLOCK_C or the grid. The counter is an int64 (Philox takes its low and high halves as two of its
+Philox call thus serves the four columns a thread holds, and the bits depend on (seed, row, col)
+only, never on the pieces, ROWS or the grid. The counter is an int64 (Philox takes its low and high halves as two of its
 32-bit counters), so it never wraps.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -43,170 +58,341 @@ from torch import Tensor
 from kernels._common import check_dropout_p, check_float_tensor, seed_tensor
 
 MAX_COLS = 16384  # a row lives in registers (<= 32 fp32 values a thread per tensor at 16 warps)
-_PROGRAMS_PER_SM = 4  # backward programs per SM; a fixed count keeps the dweight/dbias order fixed
-_INTERPRETER_SMS = 2  # the "SM count" used off the GPU (Triton's interpreter)
+_SUB = 128  # columns of a sub-piece: 32 lanes x 4 consecutive columns
+_INTERPRETER_PROGRAMS = 8  # backward programs off the GPU (Triton's interpreter): a small fixed count
+_MAX_BLOCKS_PER_SM = 32  # the most resident blocks one SM holds (sm_80 to sm_90)
 
 
 @triton.jit
-def _dropout_keep(seed, rows, offs_g, n_groups, dropout_p):
-    """Bool keep mask (len(rows), 4 * len(offs_g)) for int64 row indices rows and column groups offs_g.
+def _dropout_keep(seed, rows, cols, n_groups, dropout_p):
+    """Bool keep mask, rows (int64) and cols (int32) broadcast against each other.
 
-    n_groups = ceil(C / 4); column 4 g + w is kept when word w of counter row * n_groups + g is >= p.
-    Columns past C draw counters that belong to the next row; callers mask them out.
+    n_groups = ceil(C / 4); column c is kept when word c % 4 of counter row * n_groups + c // 4 is
+    >= p. Written per element: the columns a thread holds share their counter (c // 4), so the
+    compiler computes each Philox call once per thread, with no layout conversion.
     """
-    counter = rows[:, None] * n_groups + offs_g[None, :]  # (ROWS, BLOCK_C / 4) int64
+    counter = rows * n_groups + cols // 4  # int64
     r0, r1, r2, r3 = tl.rand4x(seed, counter)
-    # [r0, r2] and [r1, r3] interleaved, then interleaved again: column 4 g + w holds word w of group g.
-    u = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # (ROWS, BLOCK_C)
+    word = cols % 4
+    u = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
     return u >= dropout_p
+
+
+@triton.jit
+def _piece_cols(START: tl.constexpr, WIDTH: tl.constexpr, SUB: tl.constexpr):
+    """Columns START .. START + WIDTH - 1 shaped (1, WIDTH / SUB, SUB): sub-piece k, column c is
+    START + k SUB + c. A thread holds 4 consecutive columns of each sub-piece (the contiguity hint
+    caps 16-bit loads at 64 bits), so every piece of every width >= 128 has one register layout."""
+    k = tl.arange(0, WIDTH // SUB)[None, :, None]  # (1, K, 1)
+    c = tl.max_contiguous(tl.arange(0, SUB), 4)[None, None, :]  # (1, 1, SUB)
+    return START + k * SUB + c
+
+
+@triton.jit
+def _row_sum(x):
+    """(ROWS, K, SUB) -> (ROWS, 1, 1): the sum over a piece's columns."""
+    return tl.sum(tl.sum(x, axis=2, keep_dims=True), axis=1, keep_dims=True)
+
+
+@triton.jit
+def _load_param(ptr, cols, shape, mask, MASKED: tl.constexpr):
+    """A (C,) parameter at cols, broadcast to the piece's shape in fp32 (each warp reads its copy)."""
+    cols = tl.broadcast_to(cols, shape)
+    if MASKED:
+        return tl.load(ptr + cols, mask=tl.broadcast_to(mask, shape), other=0.0).to(tl.float32)
+    return tl.load(ptr + cols).to(tl.float32)
+
+
+@triton.jit
+def _fwd_piece(x_ptr, res_ptr, s_ptr, seed, rows, offs, cols, mask, n_groups, dropout_p, dropout_scale,
+               HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """s = residual + dropout(x) on one piece of the rows, in fp32 as stored (s is stored when new)."""
+    s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        s = tl.where(_dropout_keep(seed, rows, cols, n_groups, dropout_p), s * dropout_scale, 0.0)
+    if HAS_RESIDUAL:
+        s = (s + res).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs, s, mask=mask)
+        s = s.to(tl.float32)  # the statistics come from the value that backward reads
+    return s
+
+
+@triton.jit
+def _fwd_out(y_ptr, w_ptr, b_ptr, s, mean, rstd, offs, cols, mask, mask_c, MASKED: tl.constexpr,
+             HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = xhat * w + b on one piece, xhat = (s - mean) * rstd computed as backward computes it."""
+    y = (s - mean) * rstd
+    if HAS_WEIGHT:
+        y = y * _load_param(w_ptr, cols, s.shape, mask_c, MASKED)
+    if HAS_BIAS:
+        y = y + _load_param(b_ptr, cols, s.shape, mask_c, MASKED)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ln_fwd_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, seed_ptr,
-    n_rows, n_cols, eps, dropout_p, dropout_scale,
-    BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+    n_rows, n_cols, inv_cols, eps, dropout_p, dropout_scale,
+    HEAD: tl.constexpr, TAIL: tl.constexpr, SUB_H: tl.constexpr, SUB_T: tl.constexpr, ROWS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, SAVE_STATS: tl.constexpr,
 ):
-    # One program normalizes ROWS rows held as a [ROWS, BLOCK_C] block.
-    tl.static_assert(ROWS * BLOCK_C <= 16384, "a program's block must fit in registers")
-    tl.static_assert(BLOCK_C % 4 == 0, "a block holds whole groups of four columns (dropout bits)")
+    # One program normalizes ROWS rows. A row is two pieces of power-of-two widths: the head, columns
+    # [0, HEAD) with HEAD <= C (no column mask), and the tail, columns [HEAD, HEAD + TAIL) masked at C
+    # (none when TAIL = 0); C = 384 is 256 + 128, so no lane holds a padding column. Each piece is
+    # (ROWS, K, SUB): with ROWS = num_warps, a warp owns a row and the row sums stay in the warp.
+    tl.static_assert(ROWS * (HEAD + TAIL) <= 16384, "a program's block must fit in registers")
     pid = tl.program_id(0)
-    offs_r = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-    mask_r = offs_r < n_rows
-    mask_c = offs_c < n_cols
-    mask = mask_r[:, None] & mask_c[None, :]  # (ROWS, BLOCK_C)
-    # Element index row * C + col in int64: addresses past 2^31 stay exact.
-    offs = offs_r.to(tl.int64)[:, None] * n_cols + offs_c[None, :]  # (ROWS, BLOCK_C)
+    rows = pid * ROWS + tl.arange(0, ROWS)[:, None, None]  # (ROWS, 1, 1)
+    mask_r = rows < n_rows
+    rows = rows.to(tl.int64)
+    row_start = rows * n_cols  # int64: addresses past 2^31 stay exact
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    n_groups = (n_cols + 3) // 4
 
-    # s = residual + dropout(x) in fp32 (just x for a plain layer norm); masked lanes hold 0.
-    s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        offs_g = tl.arange(0, BLOCK_C // 4)  # (BLOCK_C / 4,)
-        keep = _dropout_keep(tl.load(seed_ptr), offs_r.to(tl.int64), offs_g, (n_cols + 3) // 4, dropout_p)
-        s = tl.where(keep, s * dropout_scale, 0.0)
-    if HAS_RESIDUAL:
-        s += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+    cols_h = _piece_cols(0, HEAD, SUB_H)  # (1, KH, SUB_H)
+    offs_h = row_start + cols_h  # (ROWS, KH, SUB_H)
+    s_h = _fwd_piece(x_ptr, res_ptr, s_ptr, seed, rows, offs_h, cols_h, mask_r, n_groups, dropout_p,
+                     dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)
+    total = _row_sum(s_h)  # (ROWS, 1, 1)
+    if TAIL > 0:
+        cols_t = _piece_cols(HEAD, TAIL, SUB_T)  # (1, KT, SUB_T)
+        mask_ct = cols_t < n_cols
+        mask_t = mask_r & mask_ct  # (ROWS, KT, SUB_T)
+        offs_t = row_start + cols_t
+        s_t = _fwd_piece(x_ptr, res_ptr, s_ptr, seed, rows, offs_t, cols_t, mask_t, n_groups, dropout_p,
+                         dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)  # 0 past C
+        total += _row_sum(s_t)
 
-    mean = tl.sum(s, axis=1) / n_cols  # (ROWS,)
-    xc = tl.where(mask, s - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / n_cols
-    rstd = tl.rsqrt(var + eps)  # (ROWS,)
-    y = xc * rstd[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    # Two passes, the second corrected: mean0 from the sum, d = s - mean0 (exact when s is near
+    # mean0), then mean = mean0 + mean(d) and var = mean(d^2) - mean(d)^2. A constant row has d equal
+    # everywhere, so mean(d) = d and mean is the row's value exactly: y = bias exactly, as in PyTorch.
+    mean0 = total * inv_cols  # (ROWS, 1, 1)
+    d_h = s_h - mean0
+    sum_d = _row_sum(d_h)
+    sum_dd = _row_sum(d_h * d_h)
+    if TAIL > 0:
+        d_t = tl.where(mask_t, s_t - mean0, 0.0)
+        sum_d += _row_sum(d_t)
+        sum_dd += _row_sum(d_t * d_t)
+    mean_d = sum_d * inv_cols
+    mean = mean0 + mean_d  # (ROWS, 1, 1)
+    rstd = tl.rsqrt(tl.maximum(sum_dd * inv_cols - mean_d * mean_d, 0.0) + eps)  # (ROWS, 1, 1)
+
+    _fwd_out(y_ptr, w_ptr, b_ptr, s_h, mean, rstd, offs_h, cols_h, mask_r, None, False, HAS_WEIGHT, HAS_BIAS)
+    if TAIL > 0:
+        _fwd_out(y_ptr, w_ptr, b_ptr, s_t, mean, rstd, offs_t, cols_t, mask_t, mask_ct, True, HAS_WEIGHT, HAS_BIAS)
     if SAVE_STATS:
-        tl.store(mean_ptr + offs_r, mean, mask=mask_r)
-        tl.store(rstd_ptr + offs_r, rstd, mask=mask_r)
+        tl.store(mean_ptr + rows, mean, mask=mask_r)
+        tl.store(rstd_ptr + rows, rstd, mask=mask_r)
+
+
+@triton.jit
+def _bwd_store(dx_ptr, dres_ptr, ds, seed, rows, offs, cols, mask, n_groups, dropout_p, dropout_scale,
+               HAS_DROPOUT: tl.constexpr):
+    """Store dresidual = ds and dx = dropout's backward of ds (dx = ds without dropout), one piece."""
+    if HAS_DROPOUT:
+        tl.store(dres_ptr + offs, ds.to(dres_ptr.dtype.element_ty), mask=mask)
+        ds = tl.where(_dropout_keep(seed, rows, cols, n_groups, dropout_p), ds * dropout_scale, 0.0)
+    tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ln_bwd_kernel(
-    dy_ptr, ds_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, seed_ptr,
-    dx_ptr, dres_ptr, dw_partial_ptr, db_partial_ptr,
-    n_rows, n_cols, dropout_p, dropout_scale,
-    BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_DS: tl.constexpr,
+    dy_ptr, ds_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, seed_ptr, dx_ptr, dres_ptr, partial_ptr,
+    n_rows, n_cols, inv_cols, dropout_p, dropout_scale,
+    HEAD: tl.constexpr, TAIL: tl.constexpr, SUB_H: tl.constexpr, SUB_T: tl.constexpr, ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DS: tl.constexpr,
 ):
     # Program pid handles row blocks pid, pid + P, pid + 2P, ... (P = number of programs), so which
-    # rows feed which partial sum, and in what order, depends only on the shape and P.
-    tl.static_assert(ROWS * BLOCK_C <= 16384, "a program's block must fit in registers")
-    tl.static_assert(BLOCK_C % 4 == 0, "a block holds whole groups of four columns (dropout bits)")
+    # rows feed which partial sum, and in what order, depends only on the shape and P. dweight and
+    # dbias accumulate per element, in registers shaped as the pieces, and are reduced across rows
+    # once, after the loop: the loop itself has no reduction across warps.
+    tl.static_assert(ROWS * (HEAD + TAIL) <= 16384, "a program's block must fit in registers")
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rows, ROWS)
-    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-    mask_c = offs_c < n_cols
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    n_groups = (n_cols + 3) // 4
+    cols_h = _piece_cols(0, HEAD, SUB_H)  # (1, KH, SUB_H)
+    acc_dw_h = tl.zeros((ROWS, HEAD // SUB_H, SUB_H), dtype=tl.float32)
+    acc_db_h = tl.zeros((ROWS, HEAD // SUB_H, SUB_H), dtype=tl.float32)
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # (BLOCK_C,)
-        acc_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_BIAS:
-        acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        offs_g = tl.arange(0, BLOCK_C // 4)  # (BLOCK_C / 4,)
-        n_groups = (n_cols + 3) // 4
+        w_h = _load_param(w_ptr, cols_h, acc_dw_h.shape, None, False)
+    if TAIL > 0:
+        cols_t = _piece_cols(HEAD, TAIL, SUB_T)  # (1, KT, SUB_T)
+        mask_ct = cols_t < n_cols
+        acc_dw_t = tl.zeros((ROWS, TAIL // SUB_T, SUB_T), dtype=tl.float32)
+        acc_db_t = tl.zeros((ROWS, TAIL // SUB_T, SUB_T), dtype=tl.float32)
+        if HAS_WEIGHT:
+            w_t = _load_param(w_ptr, cols_t, acc_dw_t.shape, mask_ct, True)
 
     for block in range(pid, n_blocks, n_progs):
-        offs_r = block * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-        mask_r = offs_r < n_rows
-        mask = mask_r[:, None] & mask_c[None, :]  # (ROWS, BLOCK_C)
-        offs = offs_r.to(tl.int64)[:, None] * n_cols + offs_c[None, :]  # (ROWS, BLOCK_C)
-
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + offs_r, mask=mask_r, other=0.0)
-        rstd = tl.load(rstd_ptr + offs_r, mask=mask_r, other=0.0)
-        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
-        if HAS_WEIGHT:
-            dxhat = dy * w[None, :]
-            acc_dw += tl.sum(dy * xhat, axis=0)
-        else:
-            dxhat = dy
-        if HAS_BIAS:
-            acc_db += tl.sum(dy, axis=0)
-        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / n_cols  # (ROWS,)
-        mean_dxhat = tl.sum(dxhat, axis=1) / n_cols  # (ROWS,)
-        ds = (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * rstd[:, None]
+        rows = block * ROWS + tl.arange(0, ROWS)[:, None, None]  # (ROWS, 1, 1)
+        mask_r = rows < n_rows
+        rows = rows.to(tl.int64)
+        row_start = rows * n_cols
+        # Every load of the block first, so their latencies overlap; masked lanes read 0.
+        offs_h = row_start + cols_h  # (ROWS, KH, SUB_H)
+        s_h = tl.load(s_ptr + offs_h, mask=mask_r, other=0.0).to(tl.float32)
+        dy_h = tl.load(dy_ptr + offs_h, mask=mask_r, other=0.0).to(tl.float32)
         if HAS_DS:
-            ds += tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offs_r.to(tl.int64), offs_g, n_groups, dropout_p)
-            tl.store(dres_ptr + offs, ds.to(dres_ptr.dtype.element_ty), mask=mask)
-            tl.store(dx_ptr + offs, tl.where(keep, ds * dropout_scale, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=mask)
+            ds_h = tl.load(ds_ptr + offs_h, mask=mask_r, other=0.0).to(tl.float32)
+        if TAIL > 0:
+            mask_t = mask_r & mask_ct  # (ROWS, KT, SUB_T)
+            offs_t = row_start + cols_t
+            s_t = tl.load(s_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            dy_t = tl.load(dy_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            if HAS_DS:
+                ds_t = tl.load(ds_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)  # (ROWS, 1, 1)
+        rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)  # (ROWS, 1, 1)
 
+        # Masked lanes have dy = 0 (and rstd = 0 on masked rows): they add nothing to any sum.
+        xhat_h = (s_h - mean) * rstd
+        dxhat_h = dy_h * w_h if HAS_WEIGHT else dy_h
+        if HAS_WEIGHT:
+            acc_dw_h += dy_h * xhat_h
+        if HAS_BIAS:
+            acc_db_h += dy_h
+        sum_dxx = _row_sum(dxhat_h * xhat_h)  # (ROWS, 1, 1)
+        sum_dx = _row_sum(dxhat_h)
+        if TAIL > 0:
+            xhat_t = (s_t - mean) * rstd
+            dxhat_t = dy_t * w_t if HAS_WEIGHT else dy_t
+            if HAS_WEIGHT:
+                acc_dw_t += dy_t * xhat_t
+            if HAS_BIAS:
+                acc_db_t += dy_t
+            sum_dxx += _row_sum(dxhat_t * xhat_t)
+            sum_dx += _row_sum(dxhat_t)
+        mean_dxx = sum_dxx * inv_cols
+        mean_dx = sum_dx * inv_cols
+
+        ds_out = (dxhat_h - mean_dx - xhat_h * mean_dxx) * rstd
+        if HAS_DS:
+            ds_out += ds_h
+        _bwd_store(dx_ptr, dres_ptr, ds_out, seed, rows, offs_h, cols_h, mask_r, n_groups, dropout_p,
+                   dropout_scale, HAS_DROPOUT)
+        if TAIL > 0:
+            ds_out = (dxhat_t - mean_dx - xhat_t * mean_dxx) * rstd
+            if HAS_DS:
+                ds_out += ds_t
+            _bwd_store(dx_ptr, dres_ptr, ds_out, seed, rows, offs_t, cols_t, mask_t, n_groups, dropout_p,
+                       dropout_scale, HAS_DROPOUT)
+
+    # This program's partial sums: row pid of the (P, K, C) buffer, dweight then dbias (K = 2), or
+    # whichever of them there is (K = 1).
     if HAS_WEIGHT:
-        tl.store(dw_partial_ptr + pid * n_cols + offs_c, acc_dw, mask=mask_c)
+        out = partial_ptr + pid * (1 + HAS_BIAS) * n_cols
+        tl.store(out + cols_h, tl.sum(acc_dw_h, axis=0, keep_dims=True))
+        if TAIL > 0:
+            tl.store(out + cols_t, tl.sum(acc_dw_t, axis=0, keep_dims=True), mask=mask_ct)
     if HAS_BIAS:
-        tl.store(db_partial_ptr + pid * n_cols + offs_c, acc_db, mask=mask_c)
+        out = partial_ptr + (pid * (1 + HAS_WEIGHT) + HAS_WEIGHT) * n_cols
+        tl.store(out + cols_h, tl.sum(acc_db_h, axis=0, keep_dims=True))
+        if TAIL > 0:
+            tl.store(out + cols_t, tl.sum(acc_db_t, axis=0, keep_dims=True), mask=mask_ct)
 
 
 @triton.jit
-def _dropout_mask_kernel(seed_ptr, keep_ptr, n_rows, n_cols, dropout_p,
-                         BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    # The same helper as the forward and backward kernels; the bits depend on (seed, row, col) only.
-    tl.static_assert(BLOCK_C % 4 == 0, "a block holds whole groups of four columns")
+def _ln_bwd_reduce_kernel(partial_ptr, dw_ptr, db_ptr, n_progs, n_cols,
+                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Sums a strip of BLOCK_N columns of the (P, K, C) partials (K = 2 with weight and bias) over P,
+    # BLOCK_P rows at a time, always in the same order; casts to the parameters' dtype on the store.
     pid = tl.program_id(0)
-    offs_r = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-    mask = (offs_r < n_rows)[:, None] & (offs_c < n_cols)[None, :]  # (ROWS, BLOCK_C)
-    offs = offs_r.to(tl.int64)[:, None] * n_cols + offs_c[None, :]  # (ROWS, BLOCK_C)
-    offs_g = tl.arange(0, BLOCK_C // 4)  # (BLOCK_C / 4,)
-    keep = _dropout_keep(tl.load(seed_ptr), offs_r.to(tl.int64), offs_g, (n_cols + 3) // 4, dropout_p)
-    tl.store(keep_ptr + offs, keep.to(tl.int8), mask=mask)
+    n_total = (HAS_WEIGHT + HAS_BIAS) * n_cols
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    mask_n = offs_n < n_total
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start_p in range(0, n_progs, BLOCK_P):
+        offs_p = start_p + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
+        mask = (offs_p < n_progs)[:, None] & mask_n[None, :]  # (BLOCK_P, BLOCK_N)
+        acc += tl.load(partial_ptr + offs_p[:, None] * n_total + offs_n[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)  # (BLOCK_N,)
+    if HAS_WEIGHT:
+        tl.store(dw_ptr + offs_n, total.to(dw_ptr.dtype.element_ty), mask=offs_n < n_cols)
+    if HAS_BIAS:
+        offs_b = offs_n - n_cols if HAS_WEIGHT else offs_n  # (BLOCK_N,)
+        tl.store(db_ptr + offs_b, total.to(db_ptr.dtype.element_ty), mask=mask_n & (offs_b >= 0))
 
 
-def _config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_C, ROWS, num_warps) for a width: about 4096 elements a program, 16 a thread at most.
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, keep_ptr, n_rows, n_cols, dropout_p, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    # The same helper as the forward and backward kernels; the bits depend on (seed, row, col) only.
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]  # (ROWS, BLOCK_C)
+    rows = rows.to(tl.int64)
+    keep = _dropout_keep(tl.load(seed_ptr), rows[:, None], cols[None, :], (n_cols + 3) // 4, dropout_p)  # (ROWS, BLOCK_C)
+    tl.store(keep_ptr + rows[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=mask)
 
-    BLOCK_C is at least 4: the dropout bits come in groups of four columns.
+
+class _Config(NamedTuple):
+    head: int  # the head piece's width: the largest power of two <= C
+    tail: int  # the tail piece's width: C - head rounded up to a power of two, or 0
+    rows: int  # rows a program holds
+    num_warps: int
+
+    def meta(self) -> dict:
+        """The kernels' shape constexprs and num_warps."""
+        return dict(HEAD=self.head, TAIL=self.tail, SUB_H=min(self.head, _SUB), SUB_T=max(1, min(self.tail, _SUB)),
+                    ROWS=self.rows, num_warps=self.num_warps)
+
+
+def _config(n_cols: int) -> _Config:
+    """Pieces, rows and warps for a width: about 4096 elements a program, 16 a thread at most.
+
+    For C = 384: pieces of 256 and 128, 8 rows, 8 warps (a warp to a row: the row sums stay in
+    the warp for 16-bit data, whose 128-bit loads give a warp 256 columns).
     """
-    block_c = max(4, triton.next_power_of_2(n_cols))
-    rows = max(1, min(64, 4096 // block_c))
-    num_warps = max(1, min(16, rows * block_c // 512))
-    return block_c, rows, num_warps
+    head = 1 << (n_cols.bit_length() - 1)
+    tail = triton.next_power_of_2(n_cols - head) if n_cols > head else 0
+    width = triton.next_power_of_2(n_cols)
+    rows = max(1, min(64, 4096 // width))
+    num_warps = max(1, min(16, rows * width // 512))
+    return _Config(head, tail, rows, num_warps)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_SMS
+def _mask_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_C, ROWS) of dropout_keep_mask's kernel: column blocks of up to 1024, 4096 elements."""
+    block_c = min(1024, triton.next_power_of_2(n_cols))
+    return block_c, max(1, 4096 // block_c)
 
 
-def _bwd_programs(n_rows: int, n_cols: int, device: torch.device) -> int:
-    """Backward grid size: a few programs per SM, never more than there are row blocks."""
-    _, rows, _ = _config(n_cols)
-    return max(1, min(triton.cdiv(n_rows, rows), _PROGRAMS_PER_SM * _sm_count(device)))
+_RESIDENT: dict = {}  # (device, configuration) -> backward programs per SM
+
+
+def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) -> int:
+    """Backward grid size: as many programs as fit on the device at once, never more than row blocks.
+
+    On a GPU, from the compiled kernel: its registers, shared memory and warps against one SM's
+    (65536 registers allocated 256 a warp, the SM's shared memory, 64 warps, 32 blocks), times the
+    SMs; computed once per device and configuration. A grid that fits in one wave keeps every program
+    busy until the end; the fixed count keeps the order of the dweight/dbias sums fixed. Off the GPU
+    (Triton's interpreter), a small fixed count.
+    """
+    if device.type != "cuda":
+        return max(1, min(n_blocks, _INTERPRETER_PROGRAMS))
+    key = (device, tuple(sorted(meta.items())),
+           tuple(a.dtype if isinstance(a, Tensor) else type(a) for a in args))
+    if key not in _RESIDENT:
+        kernel = _ln_bwd_kernel.warmup(*args, grid=(1,), **meta)
+        kernel._init_handles()  # loads the binary: n_regs becomes known
+        props = torch.cuda.get_device_properties(device)
+        warps = kernel.metadata.num_warps
+        regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps)
+        by_warps = props.max_threads_per_multi_processor // (32 * warps)
+        shared = kernel.metadata.shared
+        by_smem = props.shared_memory_per_multiprocessor // (shared + 1024) if shared else _MAX_BLOCKS_PER_SM
+        per_sm = max(1, min(by_regs, by_warps, by_smem, _MAX_BLOCKS_PER_SM))
+        _RESIDENT[key] = per_sm * props.multi_processor_count
+    return max(1, min(n_blocks, _RESIDENT[key]))
 
 
 def _ln_forward(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stats):
@@ -221,13 +407,12 @@ def _ln_forward(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stat
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device) if save_stats else None  # (rows,)
     if n_rows == 0:
         return y, s, mean, rstd
-    block_c, rows, num_warps = _config(n_cols)
-    _ln_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+    cfg = _config(n_cols)
+    _ln_fwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
         x2d, residual2d, weight, bias, y, s, mean, rstd, seed_t,
-        n_rows, n_cols, eps, dropout_p, 1.0 / (1.0 - dropout_p),
-        BLOCK_C=block_c, ROWS=rows,
+        n_rows, n_cols, 1.0 / n_cols, eps, dropout_p, 1.0 / (1.0 - dropout_p),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual,
-        HAS_DROPOUT=has_dropout, SAVE_STATS=save_stats, num_warps=num_warps,
+        HAS_DROPOUT=has_dropout, SAVE_STATS=save_stats, **cfg.meta(),
     )
     return y, s, mean, rstd
 
@@ -237,29 +422,33 @@ def _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t):
 
     s2d is what was normalized (x for layer_norm); ds2d the gradient that reaches s directly, or
     None. dresidual is None when it equals dx (no dropout); dweight/dbias are None without a
-    weight/bias and otherwise in the parameter's dtype. bias is read only for its dtype.
+    weight/bias and otherwise in the parameter's dtype.
     """
     n_rows, n_cols = s2d.shape
     has_dropout = dropout_p > 0.0
     dx = torch.empty_like(s2d)  # (rows, C)
     dres = torch.empty_like(s2d) if has_dropout else None  # (rows, C)
-    n_progs = _bwd_programs(n_rows, n_cols, s2d.device)
-    # Every program writes its row of partials; with no rows there is no launch, hence zeros.
-    new = torch.empty if n_rows > 0 else torch.zeros
-    dw_partial = new(n_progs, n_cols, dtype=torch.float32, device=s2d.device) if weight is not None else None  # (P, C)
-    db_partial = new(n_progs, n_cols, dtype=torch.float32, device=s2d.device) if bias is not None else None  # (P, C)
-    if n_rows > 0:
-        block_c, rows, num_warps = _config(n_cols)
-        _ln_bwd_kernel[(n_progs,)](
-            dy2d, ds2d, s2d, weight, mean, rstd, seed_t,
-            dx, dres, dw_partial, db_partial,
-            n_rows, n_cols, dropout_p, 1.0 / (1.0 - dropout_p),
-            BLOCK_C=block_c, ROWS=rows,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-            HAS_DS=ds2d is not None, num_warps=num_warps,
+    new = torch.empty if n_rows > 0 else torch.zeros  # with no rows there is no launch: zero sums
+    dweight = new(n_cols, dtype=weight.dtype, device=s2d.device) if weight is not None else None  # (C,)
+    dbias = new(n_cols, dtype=bias.dtype, device=s2d.device) if bias is not None else None  # (C,)
+    if n_rows == 0:
+        return dx, dres, dweight, dbias
+    cfg = _config(n_cols)
+    n_sums = (weight is not None) + (bias is not None)
+    meta = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
+                HAS_DS=ds2d is not None, **cfg.meta())
+    args = [dy2d, ds2d, s2d, weight, mean, rstd, seed_t, dx, dres, mean if n_sums else None,
+            n_rows, n_cols, 1.0 / n_cols, dropout_p, 1.0 / (1.0 - dropout_p)]
+    # The partials' stand-in while sizing the grid: mean, an fp32 tensor aligned as the buffer is.
+    n_progs = _bwd_programs(triton.cdiv(n_rows, cfg.rows), tuple(args), meta, s2d.device)
+    if n_sums:
+        args[9] = torch.empty(n_progs, n_sums, n_cols, dtype=torch.float32, device=s2d.device)  # (P, K, C)
+    _ln_bwd_kernel[(n_progs,)](*args, **meta)
+    if n_sums:
+        _ln_bwd_reduce_kernel[(triton.cdiv(n_sums * n_cols, 64),)](
+            args[9], dweight, dbias, n_progs, n_cols, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_P=32, BLOCK_N=64, num_warps=4,
         )
-    dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None  # (C,)
-    dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None  # (C,)
     return dx, dres, dweight, dbias
 
 
@@ -401,8 +590,8 @@ def dropout_keep_mask(seed, n_rows, n_cols, dropout_p, device):
     seed_t = seed_tensor(seed, device)  # (1,) int64
     keep = torch.empty(n_rows, n_cols, dtype=torch.int8, device=device)  # (rows, C)
     if n_rows * n_cols > 0:
-        block_c, rows, num_warps = _config(n_cols)
-        _dropout_mask_kernel[(triton.cdiv(n_rows, rows),)](
-            seed_t, keep, n_rows, n_cols, dropout_p, BLOCK_C=block_c, ROWS=rows, num_warps=num_warps,
+        block_c, rows = _mask_config(n_cols)
+        _dropout_mask_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block_c))](
+            seed_t, keep, n_rows, n_cols, dropout_p, BLOCK_C=block_c, ROWS=rows, num_warps=4,
         )
     return keep != 0

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels import layernorm as ln
@@ -36,15 +37,17 @@ def _run(fn, tensors, cotangents):
     return [o.detach() for o in outs], [t.grad if t is not None else None for t in leaves]
 
 
-def _compare(kernel_fn, ref_fn, tensors, cotangents, out_names, in_names):
-    """Kernel vs reference (float64), with the reference in the kernel's dtypes as the yardstick."""
+def _compare(kernel_fn, ref_fn, tensors, cotangents, out_names, in_names, torch_fn=None):
+    """Kernel vs reference (float64), with the same computation in the kernel's dtypes as the
+    yardstick: ref_fn itself, or torch_fn (PyTorch's own op) when given."""
     out_dtype = tensors[0].dtype
     outs, grads = _run(kernel_fn, tensors, cotangents)
     outs64, grads64 = _run(ref_fn, [t.double() if t is not None else None for t in tensors],
                            [c.double() if c is not None else None for c in cotangents])
     # Same computation in the kernel's dtypes; outputs cast to x's dtype as the kernel stores them
     # (fp32 parameters would otherwise promote them).
-    outs_kd, grads_kd = _run(lambda *a: tuple(o.to(out_dtype) for o in _as_tuple(ref_fn(*a))),
+    torch_fn = torch_fn or ref_fn
+    outs_kd, grads_kd = _run(lambda *a: tuple(o.to(out_dtype) for o in _as_tuple(torch_fn(*a))),
                              tensors, cotangents)
     for name, o, o64, okd in zip(out_names, outs, outs64, outs_kd):
         assert_matches_reference(name, o, o64, okd)
@@ -101,6 +104,85 @@ def test_layer_norm_without_weight_or_bias(affine, dtype, device):
     _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"])
 
 
+def _hard_rows(kind, shape, dtype, device):
+    """Rows that are hard on the statistics, in dtype: "constant" rows (each its own value, of
+    magnitude 500 to 1000, so that a sum of C of them rounds in fp32), or "large-mean" rows (such a
+    mean and a spread of 16 units in the last place of 1000 in dtype, so the mean cancels all but a
+    few bits)."""
+    rows, C = shape
+    ulp = torch.finfo(dtype).eps * 512  # the spacing of dtype's values in [512, 1024)
+    mean = (500 + 500 * torch.rand(rows, 1, device=device)) * torch.randn(rows, 1, device=device).sign()
+    spread = 0.0 if kind == "constant" else 16 * ulp * torch.randn(rows, C, device=device)
+    return (mean.expand(rows, C) + spread).to(dtype)  # (rows, C)
+
+
+def _torch_layer_norm(x, w=None, b=None):
+    return F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
+
+
+def _torch_add_layer_norm(x, r, w=None, b=None):
+    s = r + x
+    return F.layer_norm(s, s.shape[-1:], w, b, 1e-5), s
+
+
+HARD_SHAPES = [pytest.param((24, 384), id="24x384"), pytest.param((5, 1000), id="5x1000")]
+
+
+@pytest.mark.parametrize("kind", ["constant", "large-mean"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", HARD_SHAPES)
+def test_layer_norm_hard_rows(shape, dtype, kind, device):
+    """Constant rows and rows with a large mean and a tiny spread, against float64, no worse than
+    twice PyTorch's own F.layer_norm in dtype (the reference ops in half precision overflow rstd^3
+    in backward on such rows). On constant rows PyTorch returns the bias exactly, and so must we."""
+    x = _hard_rows(kind, shape, dtype, device)
+    _, w, b = _inputs(shape, dtype, device)
+    dy = torch.randn(shape, device=device).to(dtype)
+    _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"],
+             torch_fn=_torch_layer_norm)
+    if kind == "constant":
+        assert torch.equal(kernels.layer_norm(x, w, b), b.expand(shape)), "y != bias on constant rows"
+
+
+@pytest.mark.parametrize("kind", ["constant", "large-mean", "sub-ulp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", HARD_SHAPES)
+def test_add_layer_norm_hard_rows(shape, dtype, kind, device):
+    """Constant rows as the residual, and x = 0 (constant), a spread of 16 units in the last place
+    of the residual (large-mean) or of a quarter of one (sub-ulp, where s is mostly the rounding of
+    r + x). s is rounded to dtype when stored: the statistics must come from the stored s, which is
+    what backward reads."""
+    r = _hard_rows("constant", shape, dtype, device)  # (rows, C)
+    ulp = torch.finfo(dtype).eps * 512  # of r's values in [512, 1024)
+    spread = {"constant": 0.0, "large-mean": 16 * ulp, "sub-ulp": ulp / 4}[kind]
+    x = (spread * torch.randn(shape, device=device)).to(dtype)  # (rows, C)
+    _, w, b = _inputs(shape, dtype, device)
+    dy, ds = torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+    _compare(kernels.add_layer_norm, ref.add_layer_norm, [x, r, w, b], [dy, ds], ["y", "s"],
+             ["dx", "dresidual", "dweight", "dbias"], torch_fn=_torch_add_layer_norm)
+    if kind == "constant":
+        assert torch.equal(kernels.add_layer_norm(x, r, w, b)[0], b.expand(shape)), "y != bias on constant rows"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_layer_norm_normalizes_the_stored_s(dtype, device):
+    """y, dresidual, dweight and dbias are layer_norm's, and its gradients', at s as stored (rounded
+    to dtype), the value backward reads: against float64 at that s, no worse than twice F.layer_norm
+    in dtype at that s. Rows with a large mean and a spread of a quarter unit in the last place
+    make s mostly the rounding of residual + x, so statistics of the unrounded sum would not do."""
+    shape = (24, 384)
+    r = _hard_rows("constant", shape, dtype, device)  # (rows, C)
+    x = (torch.finfo(dtype).eps * 128 * torch.randn(shape, device=device)).to(dtype)  # (rows, C)
+    _, w, b = _inputs(shape, dtype, device)
+    dy = torch.randn(shape, device=device).to(dtype)
+    (y, s), (_, dres, dw, db) = _run(kernels.add_layer_norm, [x, r, w, b], [dy, None])
+    (y64,), (ds64, dw64, db64) = _run(ref.layer_norm, [s.double(), w.double(), b.double()], [dy.double()])
+    (y_kd,), (ds_kd, dw_kd, db_kd) = _run(_torch_layer_norm, [s, w, b], [dy])
+    for name, got, want, yardstick in [("y", y, y64, y_kd), ("dresidual", dres, ds64, ds_kd),
+                                       ("dweight", dw, dw64, dw_kd), ("dbias", db, db64, db_kd)]:
+        assert_matches_reference(name, got, want, yardstick)
+
+
 @pytest.mark.parametrize("x_dtype", [p for p in DTYPES if p.id != "fp32"])
 @pytest.mark.parametrize("shape", [pytest.param((7, 33), id="7x33"), pytest.param((2, 5, 384), id="2x5x384")])
 def test_fp32_params_with_half_x(shape, x_dtype, device):
@@ -131,21 +213,45 @@ def test_add_layer_norm_matches_reference(shape, dtype, dropout_p, grads, device
              [x, r, w, b], [dy, ds], ["y", "s"], ["dx", "dresidual", "dweight", "dbias"])
 
 
+class _GridSpy:
+    """Stands in for a kernel and records the grid of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
 def _many_rows_shape(device):
-    """(rows, 256) with a ragged last row block and more row blocks than backward programs (about
-    300 rows in the interpreter, more on a GPU, which runs more programs)."""
+    """(rows, 256) with a ragged last row block and more than twice as many row blocks as backward
+    programs can be (about 300 rows in the interpreter, which runs 8; more on a GPU, where the
+    bound is 32 programs an SM)."""
     n_cols = 256
-    _, rows_per_block, _ = ln._config(n_cols)
-    max_progs = ln._bwd_programs(2**30, n_cols, device)
-    shape = (rows_per_block * (2 * max_progs + 3) - 5, n_cols)
-    n_progs = ln._bwd_programs(*shape, device)
-    assert 1 < n_progs < math.ceil(shape[0] / rows_per_block), "shape no longer exercises the loop"
-    return shape
+    rows_per_block = ln._config(n_cols).rows
+    if device.type == "cuda":
+        max_progs = torch.cuda.get_device_properties(device).multi_processor_count * ln._MAX_BLOCKS_PER_SM
+    else:
+        max_progs = ln._INTERPRETER_PROGRAMS
+    return rows_per_block * (2 * max_progs + 3) - 5, n_cols
+
+
+def _check_backward_grid(spy, shape):
+    """The backward ran with several programs, each folding at least two row blocks."""
+    n_blocks = math.ceil(shape[0] / ln._config(shape[1]).rows)
+    (n_progs,), = spy.grids
+    assert 1 < n_progs and 2 * n_progs < n_blocks, f"{n_progs} programs for {n_blocks} row blocks"
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm_dropout"])
-def test_many_rows_several_programs(op, device):
+def test_many_rows_several_programs(op, device, monkeypatch):
     """Several backward programs each fold several row blocks into their partial sums."""
+    spy = _GridSpy(ln._ln_bwd_kernel)
+    monkeypatch.setattr(ln, "_ln_bwd_kernel", spy)
     shape = _many_rows_shape(device)
     x, w, b = _inputs(shape, torch.float32, device)
     dy = torch.randn(shape, device=device)
@@ -157,14 +263,25 @@ def test_many_rows_several_programs(op, device):
         _compare(lambda *a: kernels.add_layer_norm(*a, dropout_p=0.3, seed=7),
                  lambda *a: ref.add_layer_norm(*a, dropout_p=0.3, keep_mask=keep),
                  [x, r, w, b], [dy, ds], ["y", "s"], ["dx", "dresidual", "dweight", "dbias"])
+    _check_backward_grid(spy, shape)
 
 
-def test_dweight_dbias_bitwise_repeatable(device):
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias"])
+def test_dweight_dbias_bitwise_repeatable(affine, device, monkeypatch):
+    """The grid sized to what is resident, the per-program partials and their one reduction give the
+    same bits on every run."""
+    spy = _GridSpy(ln._ln_bwd_kernel)
+    monkeypatch.setattr(ln, "_ln_bwd_kernel", spy)
     shape = _many_rows_shape(device)
-    x, w, b = _inputs(shape, torch.float32, device)
+    x, w, b = _inputs(shape, torch.float32, device, affine)
     dy = torch.randn(shape, device=device)
     (_, (_, dw1, db1)), (_, (_, dw2, db2)) = [_run(kernels.layer_norm, [x, w, b], [dy]) for _ in range(2)]
-    assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
+    for name, g1, g2, t in (("dweight", dw1, dw2, w), ("dbias", db1, db2, b)):
+        assert (g1 is None) == (t is None), name
+        if t is not None:
+            assert g1.any() and torch.equal(g1, g2), name
+    spy.grids[1:] = []
+    _check_backward_grid(spy, shape)
 
 
 def _binomial_close(keep, prob, what):
@@ -197,9 +314,13 @@ def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
     assert torch.equal(ln.dropout_keep_mask(5, 3, n_cols, p, device), want[:3])
     assert torch.equal(ln.dropout_keep_mask(torch.tensor(5), n_rows, n_cols, p, device), want)
     x, r = torch.ones(n_rows, n_cols, device=device), torch.zeros(n_rows, n_cols, device=device)
-    for block_c, rows in [(64, 1), (128, 4)]:
-        monkeypatch.setattr(ln, "_config", lambda c, bc=block_c, rs=rows: (bc, rs, 1))
-        tiling = f"BLOCK_C={block_c}, ROWS={rows}"
+    # Pieces of 32 + 1 columns (the default for C = 33) and 16 + 32 (the tail masked past C), with
+    # one, four or eight rows a program; the mask kernel's own column blocks of 8, 32 and 64.
+    for cfg, (block_c, rows) in [(ln._Config(32, 1, 1, 1), (8, 1)), (ln._Config(16, 32, 4, 2), (32, 4)),
+                                 (ln._Config(32, 1, 8, 4), (64, 16))]:
+        monkeypatch.setattr(ln, "_config", lambda c, cfg=cfg: cfg)
+        monkeypatch.setattr(ln, "_mask_config", lambda c, bc=block_c, rs=rows: (bc, rs))
+        tiling = f"{cfg}, mask BLOCK_C={block_c}, ROWS={rows}"
         assert torch.equal(ln.dropout_keep_mask(5, n_rows, n_cols, p, device), want), tiling
         # s = r + x * keep / (1 - p) = 2 keep, and with the loss sum(s), dx = keep / (1 - p) = 2 keep.
         (_, s), (dx, _, _, _) = _run(lambda *a: kernels.add_layer_norm(*a, dropout_p=p, seed=5),
