@@ -4,6 +4,7 @@
     python bench/compile_check.py --quick         # every kernel, fp32 and bf16, flags all off / all on
     python bench/compile_check.py --only attention --kernel dkdv -j 8
     python bench/compile_check.py --list          # the variants, without compiling
+    python bench/compile_check.py --cost --json cost.json --dump-dir sass/   # the static cost report
 
 Triton compiles ahead of time without a driver: Triton IR -> TTGIR -> LLVM IR -> PTX -> cubin, the
 last step by the ptxas that ships in the triton wheel (Triton 3.6 runs its CUDA 12.8 ptxas for
@@ -32,10 +33,53 @@ A variant FAILs when it does not compile, when its shared memory exceeds what on
 (227 KB; the launch would raise OutOfResources), or when its registers leave too few for num_warps.
 Spills are reported (the summary counts them) but are not failures.
 
-Exit status: 0 all variants compile; 1 at least one FAIL; 77 compilation cannot run here (no CUDA
-backend or no ptxas in this Triton), so a test can skip. TRITON_INTERPRET is removed from the
-environment before triton is imported: under the interpreter @triton.jit gives interpreted
-functions, which cannot be compiled.
+The static cost report (--cost), a measure of the kernels that runs without a GPU and is deterministic
+(same Triton, same kernels, same numbers). It compiles the model's training calls at the model's
+shapes (attention bf16 (B, T, H, D) = (64, 256, 6, 64), causal: the forward with dropout 0.2 and lse,
+with lse at dropout 0, and without lse (eval); the backward (preprocess, dK/dV, dQ) at dropout 0.2
+and 0. LayerNorm over (16384, 384) bf16 with fp32 weight and bias, as under autocast: layer_norm
+and add_layer_norm forward (stats saved; the latter with and without dropout) and the backward with
+the flags the model uses; the dweight/dbias partials are summed by torch, not by a Triton kernel)
+and reads each variant's SASS (cuobjdump -sass, from Triton's package):
+
+- registers, spill bytes (ptxas -v), shared memory (what the launch requests), block, warps, stages;
+- HGMMA: every tl.dot became a warpgroup MMA: as many ttng.warp_group_dot in the TTGIR as tt.dot in
+  the TTIR, and HGMMA in the SASS. "-" for a kernel without dots or with fp32 "ieee" dots only (the
+  exact FMA path, no tensor cores by design);
+- memory instructions, static counts: LDG and STG by width in bits (128 is a 16-byte vector access;
+  per-row scalars such as lse or mean are 32 by nature), LDGSTS (cp.async) and TMA, LDL/STL (local
+  memory: spills or a stack array);
+- loops: a backward branch (a BRA whose target lies before it) closes a loop whose body runs from the
+  target to the branch (several back edges to one target: to the last). A nested loop is counted on
+  its own and left out of the loop around it. The branch to itself that ends every kernel (a trap
+  after EXIT) and the padding after it are not code. Everything outside the loops is straight-line
+  code (set-up, the pipeline's prologue loads, the epilogue), counted once per program. Both sides of
+  an if are counted, as if both ran: an upper bound for code outside the loops, and for loop bodies
+  with branches inside them;
+- warp-instructions a launch issues: for every program of the launch's grid, the straight-line code
+  once plus each loop body times its trip count in that program (TRIP_MODELS, below: causal structure
+  included), times the warps of a program; and the issue-bound time, warp-instructions /
+  (132 SMs x 4 schedulers x 1.755 GHz), a floor that ignores memory and latency.
+
+Then per call (a launcher call: the backward is three launches) the sums, their total over one
+training step (STEP_CALLS), and issues 10 and 11's static targets as ratios. --json writes one record per variant (kernel, variant, regs, smem,
+spill_bytes, hgmma, loop_instructions, trips, straight_instructions, programs, warp_instructions,
+issue_us, and more); --dump-dir keeps each variant's ttir, ttgir, ptx, cubin and sass. --quick with
+--cost: the calls with dropout only, one variant of each kernel (the test).
+
+When a kernel's loops change (a loop added, removed, split, or new bounds), change its function in
+TRIP_MODELS (below, "Trip-count models") in the same commit: it returns, for one program, the trips
+of each SASS loop in SASS (address) order. ptxas lays these kernels' sequential loops out in the
+order they run (dK/dV's masked loop, first in its source, is first in its SASS); to check, read the
+dumped .sass, or the records' loop_inf_selects (selects of -inf per loop: the causally masked loops
+have them). A new kernel needs an entry too. A model that gives another number of loops than the
+SASS has is an error: the report names it and leaves the warp-instructions unknown.
+
+Exit status: 0 all variants compile (and with --cost, every cost is known); 1 at least one FAIL (or
+a cost left unknown: a kernel without a trip-count model, or one whose loops changed); 77
+compilation cannot run here (no CUDA backend or no ptxas in this Triton), so a test can skip.
+TRITON_INTERPRET is removed from the environment before triton is imported: under the interpreter
+@triton.jit gives interpreted functions, which cannot be compiled.
 """
 
 from __future__ import annotations
@@ -43,6 +87,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -53,11 +98,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    print("compile_check: removing TRITON_INTERPRET from the environment (the interpreter cannot compile)",
-          file=sys.stderr)
-os.environ.pop("TRITON_INTERPRET", None)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -104,6 +144,8 @@ class Launch:
     kwargs: dict
     label: str = ""  # the first case that made this launch
     key: str = ""
+    grid: tuple = (1, 1, 1)  # programs along each axis, as the launcher asked (--cost)
+    call: str = ""  # the launcher call that made it (--cost: summed per call)
 
 
 class Recorder:
@@ -113,6 +155,7 @@ class Recorder:
         self.launches: list[Launch] = []
         self.group = ""
         self.case = ""
+        self.call = ""
 
     @contextlib.contextmanager
     def active(self):
@@ -124,7 +167,7 @@ class Recorder:
             recorder.launches.append(Launch(
                 kernel=fn.__name__, group=recorder.group, fn=fn,
                 args=tuple(_strip(a) for a in args), kwargs={k: _strip(v) for k, v in kwargs.items()},
-                label=recorder.case))
+                label=recorder.case, grid=_grid3(fn, grid, args, kwargs), call=recorder.call))
             return None
 
         JITFunction.run = record
@@ -132,6 +175,14 @@ class Recorder:
             yield self
         finally:
             JITFunction.run = original
+
+
+def _grid3(fn, grid, args, kwargs) -> tuple:
+    """The launch grid as three ints; a callable grid gets the arguments by name, as Triton gives them."""
+    if callable(grid):
+        grid = grid({**dict(zip(fn.arg_names, args)), **kwargs})
+    grid = tuple(int(g) for g in grid)
+    return grid + (1,) * (3 - len(grid))
 
 
 def _torch_dtype(name: str):
@@ -191,6 +242,27 @@ def _attn_qkv(prof, dtype, D):
     return tuple(torch.empty((1, T, H, D), dtype=dtype) for _ in range(3))  # (B, T, H, D) each
 
 
+def _attn_label(dname, D, causal, dropout, lse, pname) -> str:
+    """The case's words, e.g. 'bf16 D=64 causal dropout lse [model]' (lse: the forward stores it)."""
+    return (f"{dname} D={D} {'causal ' if causal else ''}{'dropout ' if dropout else ''}"
+            f"{'lse ' if lse else ''}[{pname}]")
+
+
+def _attn_forward_call(q, k, v, causal, p, need_lse, seed_t):
+    from kernels import attention as A
+    A._attn_forward(q, k, v, p, causal, q.shape[-1] ** -0.5, seed_t if p else None, need_lse)
+
+
+def _attn_backward_call(q, k, v, causal, p, seed_t):
+    import torch
+    from kernels import attention as A
+    # What _attn_forward returns with need_lse (made here, so no extra forward is recorded).
+    o = torch.empty(q.shape, dtype=q.dtype)  # (B, T, H, D), contiguous
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)  # (B, H, T)
+    A._attn_backward(torch.empty_like(o), q, k, v, o, lse, p, causal, q.shape[-1] ** -0.5,
+                     seed_t if p else None)
+
+
 def capture_attention(rec: Recorder, plan: Plan):
     """The launches the attention launchers make: forward over causal x dropout x need_lse (lse is
     stored only when a gradient is needed), backward over causal x dropout (it always has lse), and
@@ -211,23 +283,44 @@ def capture_attention(rec: Recorder, plan: Plan):
             dtype = _torch_dtype(dname)
             for D in plan.sizes:
                 q, k, v = _attn_qkv(prof, dtype, D)
-                scale = D ** -0.5
                 seed_t = seed_tensor(SEED, cpu)
                 for causal, dropout, need_lse in fwd_flags:
-                    p = DROPOUT_P if dropout else 0.0
-                    rec.case = (f"{dname} D={D} {'causal ' if causal else ''}{'dropout ' if dropout else ''}"
-                                f"{'lse ' if need_lse else ''}[{pname}]")
-                    A._attn_forward(q, k, v, p, causal, scale, seed_t if dropout else None, need_lse)
+                    rec.case = _attn_label(dname, D, causal, dropout, need_lse, pname)
+                    _attn_forward_call(q, k, v, causal, DROPOUT_P if dropout else 0.0, need_lse, seed_t)
                 for causal, dropout in bwd_flags:
-                    p = DROPOUT_P if dropout else 0.0
-                    rec.case = f"{dname} D={D} {'causal ' if causal else ''}{'dropout ' if dropout else ''}[{pname}]"
-                    # What _attn_forward returns with need_lse (made here, so no extra forward is recorded).
-                    o = torch.empty(q.shape, dtype=dtype)  # (B, T, H, D), contiguous
-                    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)  # (B, H, T)
-                    A._attn_backward(torch.empty_like(o), q, k, v, o, lse, p, causal, scale,
-                                     seed_t if dropout else None)
+                    rec.case = _attn_label(dname, D, causal, dropout, False, pname)
+                    _attn_backward_call(q, k, v, causal, DROPOUT_P if dropout else 0.0, seed_t)
         rec.case = f"[{pname}]"
         A.dropout_keep_mask(SEED, 1, prof["H"], prof["T"], prof["T"], DROPOUT_P, cpu)
+
+
+def _ln_fwd_label(dname, pdname, C, has_w, has_b, mode, save_stats, pname) -> str:
+    """e.g. 'x=bf16 w,b=fp32 C=384 weight bias residual+dropout stats [model]'."""
+    return (f"x={dname}{' w,b=' + pdname if pdname != dname else ''} C={C} "
+            f"{'weight ' if has_w else ''}{'bias ' if has_b else ''}"
+            f"{'' if mode == 'plain' else mode + ' '}{'stats ' if save_stats else ''}[{pname}]")
+
+
+def _ln_bwd_label(dname, pdname, C, has_w, has_b, dropout, has_ds, pname) -> str:
+    """e.g. 'x=bf16 w,b=fp32 C=384 weight bias dropout ds [model]' (ds: a gradient reaches s)."""
+    return (f"x={dname}{' w,b=' + pdname if pdname != dname else ''} C={C} "
+            f"{'weight ' if has_w else ''}{'bias ' if has_b else ''}"
+            f"{'dropout ' if dropout else ''}{'ds ' if has_ds else ''}[{pname}]")
+
+
+def _ln_forward_call(x, res, w, b, mode, p, save_stats, seed_t):
+    """mode: 'plain' (layer_norm), 'residual' or 'residual+dropout' (add_layer_norm, dropout p)."""
+    from kernels import layernorm as L
+    p = p if mode.endswith("dropout") else 0.0
+    L._ln_forward(x, None if mode == "plain" else res, w, b, 1e-5, p, seed_t if p else None, save_stats)
+
+
+def _ln_backward_call(x, res, w, b, p, has_ds, seed_t):
+    import torch
+    from kernels import layernorm as L
+    mean = torch.empty(x.shape[0], dtype=torch.float32)  # (rows,)
+    rstd = torch.empty(x.shape[0], dtype=torch.float32)  # (rows,)
+    L._ln_backward(torch.empty_like(x), res if has_ds else None, x, w, b, mean, rstd, p, seed_t if p else None)
 
 
 def capture_layernorm(rec: Recorder, plan: Plan):
@@ -259,8 +352,6 @@ def capture_layernorm(rec: Recorder, plan: Plan):
                 dtype = _torch_dtype(dname)
                 x = torch.empty((n_rows, C), dtype=dtype)  # (rows, C)
                 res = torch.empty((n_rows, C), dtype=dtype)  # (rows, C)
-                mean = torch.empty(n_rows, dtype=torch.float32)  # (rows,)
-                rstd = torch.empty(n_rows, dtype=torch.float32)  # (rows,)
                 seed_t = seed_tensor(SEED, cpu)
                 param_dtypes = [dname] + (["fp32"] if plan.mixed_params and dname != "fp32" else [])
                 for pdname in param_dtypes:
@@ -272,25 +363,369 @@ def capture_layernorm(rec: Recorder, plan: Plan):
                         if mixed and not (has_w and has_b):
                             continue
                         w, b = (w_full if has_w else None), (b_full if has_b else None)
-                        r = None if mode == "plain" else res
-                        p = DROPOUT_P if mode.endswith("dropout") else 0.0
-                        rec.case = (f"x={dname}{' w,b=' + pdname if mixed else ''} C={C} "
-                                    f"{'weight ' if has_w else ''}{'bias ' if has_b else ''}"
-                                    f"{'' if mode == 'plain' else mode + ' '}{'stats ' if save_stats else ''}"
-                                    f"[{pname}]")
-                        L._ln_forward(x, r, w, b, 1e-5, p, seed_t if p else None, save_stats)
+                        rec.case = _ln_fwd_label(dname, pdname, C, has_w, has_b, mode, save_stats, pname)
+                        _ln_forward_call(x, res, w, b, mode, DROPOUT_P, save_stats, seed_t)
                     for has_w, has_b, dropout, has_ds in bwd_flags:
                         if mixed and not (has_w and has_b):
                             continue
                         w, b = (w_full if has_w else None), (b_full if has_b else None)
-                        p = DROPOUT_P if dropout else 0.0
-                        rec.case = (f"x={dname}{' w,b=' + pdname if mixed else ''} C={C} "
-                                    f"{'weight ' if has_w else ''}{'bias ' if has_b else ''}"
-                                    f"{'dropout ' if dropout else ''}{'ds ' if has_ds else ''}[{pname}]")
-                        L._ln_backward(torch.empty_like(x), res if has_ds else None, x, w, b, mean, rstd, p,
-                                       seed_t if p else None)
+                        rec.case = _ln_bwd_label(dname, pdname, C, has_w, has_b, dropout, has_ds, pname)
+                        _ln_backward_call(x, res, w, b, DROPOUT_P if dropout else 0.0, has_ds, seed_t)
             rec.case = f"C={C} [{pname}]"
             L.dropout_keep_mask(SEED, n_rows, C, DROPOUT_P, cpu)
+
+
+# The model's training launches at its own shapes (--cost): the grid is the real one, so the trip-count
+# models below see the programs a training step runs.
+COST_ATTN_SHAPE = dict(B=64, T=256, H=6, D=64)  # (B, T, H, D) of every attention call
+COST_LN_SHAPE = (64 * 256, 384)  # (rows, C) = (B * T, C) of every layer-norm call
+COST_DROPOUT_P = 0.2  # the model's dropout
+H100_SMS = 132  # SMs of an H100 SXM (and an H200): what the launchers size their grids by on a GPU
+
+
+def capture_cost(rec: Recorder, group: str, quick: bool):
+    """The launches of one training step's calls, at the model's shapes (bf16 activations, fp32
+    LayerNorm weight and bias as under autocast). Each call's launches are tagged with a call name,
+    so the report can sum a call (the backward is preprocess + dK/dV + dQ). quick: only the calls
+    with dropout, one variant of each kernel (the test's subset)."""
+    import torch
+    from kernels._common import seed_tensor
+
+    seed_t = seed_tensor(SEED, torch.device("cpu"))
+    p = COST_DROPOUT_P
+    rec.group = group
+    if group == "attention":
+        B, T, H, D = (COST_ATTN_SHAPE[k] for k in "BTHD")
+        qkv = torch.empty((B, T, 3, H, D), dtype=torch.bfloat16)  # (B, T, 3, H, D), the packed projection
+        q, k, v = qkv.unbind(2)  # each (B, T, H, D), strided, as the model passes them
+        calls = [("attention forward, dropout, lse", _attn_forward_call, (True, p, True), (True, True)),
+                 ("attention backward, dropout", _attn_backward_call, (True, p), (True, False)),
+                 ("attention forward, lse", _attn_forward_call, (True, 0.0, True), (False, True)),
+                 ("attention forward (eval)", _attn_forward_call, (True, 0.0, False), (False, False)),
+                 ("attention backward", _attn_backward_call, (True, 0.0), (False, False))]
+        for call, fn, flags, (dropout, lse) in calls[:2] if quick else calls:
+            rec.call, rec.case = call, _attn_label("bf16", D, True, dropout, lse, "model")
+            fn(q, k, v, *flags, seed_t)
+        return
+    from kernels import layernorm as L
+    rows, C = COST_LN_SHAPE
+    x = torch.empty((rows, C), dtype=torch.bfloat16)  # (rows, C)
+    res = torch.empty((rows, C), dtype=torch.bfloat16)  # (rows, C)
+    w, b = torch.empty(C), torch.empty(C)  # (C,) fp32 each, nn.LayerNorm's parameters under autocast
+    fwd = [("add_layer_norm forward, dropout", "residual+dropout"), ("layer_norm forward", "plain"),
+           ("add_layer_norm forward", "residual")]
+    # (call, dropout, ds): add_layer_norm's s feeds the next block, except after the last block (ln_f).
+    bwd = [("add_layer_norm backward, dropout, ds", True, True), ("layer_norm backward", False, False),
+           ("add_layer_norm backward, dropout (ln_f)", True, False), ("add_layer_norm backward, ds", False, True)]
+    # The backward grid is sized by the SM count, which the launcher reads off the device: an H100's.
+    sm_count = getattr(L, "_sm_count", None)
+    if sm_count is not None:
+        L._sm_count = lambda device: H100_SMS
+    else:
+        print("compile_check: warning: kernels/layernorm.py has no _sm_count(device) to stand in for: the "
+              "backward's grid is what its launcher picks on the CPU, not an H100's (update capture_cost)")
+    try:
+        for call, mode in fwd[:1] if quick else fwd:
+            rec.call, rec.case = call, _ln_fwd_label("bf16", "fp32", C, True, True, mode, True, "model")
+            _ln_forward_call(x, res, w, b, mode, p, True, seed_t)
+        for call, dropout, has_ds in bwd[:1] if quick else bwd:
+            rec.call, rec.case = call, _ln_bwd_label("bf16", "fp32", C, True, True, dropout, has_ds, "model")
+            _ln_backward_call(x, res, w, b, p if dropout else 0.0, has_ds, seed_t)
+    finally:
+        if sm_count is not None:
+            L._sm_count = sm_count
+
+
+# The calls one training step makes (6 blocks: attention and two add_layer_norm each; the first
+# block's ln1 is a layer_norm; the last add_layer_norm applies ln_f and its s has no later use).
+STEP_CALLS = {"attention forward, dropout, lse": 6, "attention backward, dropout": 6, "layer_norm forward": 1,
+              "add_layer_norm forward, dropout": 12, "layer_norm backward": 1,
+              "add_layer_norm backward, dropout, ds": 11, "add_layer_norm backward, dropout (ln_f)": 1}
+
+# Issues 10 and 11's static targets, as ratios of calls' warp-instructions:
+# (what, numerator call, denominator call, kernel-name regex restricting both sides or None, target).
+COST_RATIOS = [
+    ("attention forward, dropout 0.2 / 0", "attention forward, dropout, lse", "attention forward, lse", None, 1.75),
+    ("dK/dV, dropout 0.2 / 0", "attention backward, dropout", "attention backward", "dkdv", 1.5),
+    ("dQ, dropout 0.2 / 0", "attention backward, dropout", "attention backward", "_dq", 1.5),
+    ("attention backward / forward, dropout 0.2", "attention backward, dropout",
+     "attention forward, dropout, lse", None, 2.5),
+    ("add_layer_norm forward, dropout 0.2 / 0", "add_layer_norm forward, dropout", "add_layer_norm forward", None, 1.3),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# SASS: loops, instruction counts, memory widths
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class SassInstr:
+    addr: int
+    pred: str  # "@P0", "@!P3", or ""
+    opcode: str  # "LDG.E.128"
+    operands: str  # "R4, desc[UR4][R2.64]"
+
+
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][\w.]*)\s*([^;]*);")
+
+
+def parse_sass(text: str) -> list[SassInstr]:
+    """The instructions of cuobjdump -sass output (one kernel), in address order."""
+    out = []
+    for line in text.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            out.append(SassInstr(int(m[1], 16), (m[2] or "").strip(), m[3], m[4].strip()))
+    return out
+
+
+def _branch_target(ins: SassInstr):
+    """The address a direct branch (BRA, BRA.U, BRA.DIV ..) jumps to, else None."""
+    if ins.opcode.split(".")[0] != "BRA":
+        return None
+    m = re.search(r"0x([0-9a-fA-F]+)\s*$", ins.operands)
+    return int(m[1], 16) if m else None
+
+
+def find_loops(instrs: list[SassInstr]) -> tuple[list[dict], list[str]]:
+    """The loops of a kernel's SASS, in SASS order (by the address of their first instruction).
+
+    A loop is a backward branch: a BRA whose target lies at or before it, the body runs from the target
+    to the last backward branch to that target. A branch to itself is not a loop (ptxas ends every
+    kernel with one, after EXIT, as a trap). Each loop: head and tail (indices into instrs), `size`
+    (instructions from head to tail) and `instructions`: size less the sizes of the loops nested in
+    it, so that a nested body is counted once, with its own trip count. Returns (loops, warnings).
+    """
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    tails = {}
+    for i, ins in enumerate(instrs):
+        target = _branch_target(ins)
+        if target is not None and target < ins.addr and target in index:
+            head = index[target]
+            tails[head] = max(tails.get(head, i), i)
+    loops = [dict(head=h, tail=t, size=t - h + 1) for h, t in sorted(tails.items())]
+    warnings_ = []
+    for a in loops:
+        inner = [b for b in loops if b is not a and a["head"] <= b["head"] and b["tail"] <= a["tail"]]
+        direct = [b for b in inner if not any(c is not b and c["head"] <= b["head"] and b["tail"] <= c["tail"]
+                                              for c in inner)]
+        a["instructions"] = a["size"] - sum(b["size"] for b in direct)
+        a["depth"] = sum(1 for b in loops if b is not a and b["head"] <= a["head"] and a["tail"] <= b["tail"])
+        for b in loops:
+            if a["head"] < b["head"] <= a["tail"] < b["tail"]:
+                warnings_.append(f"SASS loops at {instrs[a['head']].addr:#x} and {instrs[b['head']].addr:#x} "
+                                 f"overlap without nesting")
+    return loops, warnings_
+
+
+def _code_length(instrs: list[SassInstr]) -> int:
+    """Instructions that can run: up to the trap (an unpredicated branch to itself) ending the kernel;
+    what follows it is alignment padding."""
+    for i, ins in enumerate(instrs):
+        if not ins.pred and _branch_target(ins) == ins.addr:
+            return i
+    return len(instrs)
+
+
+def _width(opcode: str) -> int:
+    """Bits moved per thread by an LDG/STG/LDGSTS: .128, .64, .U16/.S16, .U8/.S8, else 32."""
+    mods = opcode.split(".")[1:]
+    for mod, bits in (("128", 128), ("64", 64), ("U16", 16), ("S16", 16), ("U8", 8), ("S8", 8)):
+        if mod in mods:
+            return bits
+    return 32
+
+
+def analyze_sass(text: str) -> dict:
+    """Loop bodies, straight-line code and memory traffic of one kernel's SASS (static counts)."""
+    instrs = parse_sass(text)
+    n_code = _code_length(instrs)
+    code = instrs[:n_code]
+    loops, warnings_ = find_loops(code)
+    if any(ins.opcode.startswith("CALL") for ins in code):
+        warnings_.append("the SASS calls a subroutine: its body is counted as straight-line code, once")
+    outer = [l for l in loops if l["depth"] == 0]
+    ldg, stg = {}, {}
+    for ins in code:
+        op = ins.opcode.split(".")[0]
+        if op in ("LDG", "STG"):
+            counts = ldg if op == "LDG" else stg
+            counts[_width(ins.opcode)] = counts.get(_width(ins.opcode), 0) + 1
+    ops = [ins.opcode.split(".")[0] for ins in code]
+
+    def in_loop(loop, test):  # instructions of the loop's own body (not of a loop nested in it) passing test
+        nested = [m for m in loops if m["depth"] > loop["depth"] and loop["head"] <= m["head"] <= loop["tail"]]
+        return sum(1 for i in range(loop["head"], loop["tail"] + 1)
+                   if test(code[i]) and not any(m["head"] <= i <= m["tail"] for m in nested))
+
+    return dict(
+        instructions=n_code,
+        loop_instructions=[l["instructions"] for l in loops],
+        loop_barriers=[in_loop(l, lambda ins: ins.opcode.startswith("BAR.SYNC")) for l in loops],
+        loop_hgmma=[in_loop(l, lambda ins: ins.opcode.startswith("HGMMA")) for l in loops],
+        # Selects of -inf: a causal mask's mark, which tells a masked loop from an unmasked one.
+        loop_inf_selects=[in_loop(l, lambda ins: ins.opcode.startswith("FSEL") and "-INF" in ins.operands)
+                          for l in loops],
+        loop_depth=[l["depth"] for l in loops],
+        loop_addresses=[f"{code[l['head']].addr:#x}-{code[l['tail']].addr:#x}" for l in loops],
+        straight_instructions=n_code - sum(l["size"] for l in outer),
+        ldg=dict(sorted(ldg.items(), reverse=True)), stg=dict(sorted(stg.items(), reverse=True)),
+        ldgsts=ops.count("LDGSTS"), tma=sum(op.startswith(("UTMALDG", "UTMASTG", "UBLKCP")) for op in ops),
+        ldl=ops.count("LDL"), stl=ops.count("STL"), hgmma_sass=ops.count("HGMMA"),
+        hgmma_shapes=sorted({ins.opcode.split(".")[1] for ins in code if ins.opcode.startswith("HGMMA.")}),
+        barriers=sum(ins.opcode.startswith("BAR.SYNC") for ins in code),
+        sass_warnings=warnings_,
+    )
+
+
+_TTIR_DOT = re.compile(r"= tt\.dot .*")
+_TTGIR_WGMMA = re.compile(r"= ttng\.warp_group_dot ")
+
+
+def dot_paths(ttir: str, ttgir: str, hgmma_sass: int):
+    """Whether every tl.dot became a warpgroup MMA (wgmma, HGMMA in SASS): True, False, or None when
+    the kernel has no dot or all its dots are fp32 'ieee' (the exact FMA path, no tensor cores by design).
+    Also the counts: tt.dot in TTIR, ttng.warp_group_dot in TTGIR."""
+    dots = _TTIR_DOT.findall(ttir)
+    wgmma = len(_TTGIR_WGMMA.findall(ttgir))
+    tensor_core = [d for d in dots if "inputPrecision = ieee" not in d]
+    if not tensor_core:
+        return None, len(dots), wgmma
+    return wgmma >= len(tensor_core) and hgmma_sass > 0, len(dots), wgmma
+
+
+def disassemble(cubin: bytes) -> str:
+    """cuobjdump -sass of a cubin, with the cuobjdump that ships in Triton's package."""
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None:
+        raise RuntimeError("no cuobjdump in this Triton's package nor on PATH")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Trip-count models: how many times each SASS loop of a kernel runs in each program (--cost)
+# ------------------------------------------------------------------------------------------------
+#
+# TRIP_MODELS maps a Triton kernel's name to a function trips(a, pid) -> tuple of ints: for program
+# pid = (pid0, pid1, pid2) of the launch `a`, how many times each of the kernel's SASS loops runs its
+# body, one int per loop in SASS (address) order, which for these kernels is the order the loops run
+# in, i.e. the source's order after inlining (an inner loop's count is over all the iterations of
+# the loop around it). A kernel without a loop returns ().
+# `a` reads the launch's arguments by the kernel's parameter names (a.T_K, a.BLOCK_N, a.IS_CAUSAL:
+# runtime ints and constexprs alike), and a.grid (3 ints) and a.num_warps. Each function mirrors the
+# kernel's own loop bounds; when a kernel's loops change, change its function in the same commit.
+# When the number of loops in the SASS differs from the tuple's length, the report says so and leaves
+# the kernel's warp-instructions unknown (exit status 1) rather than guess.
+#
+# Triton's software pipelining (Triton 3.6 and 3.9) keeps a loop's trip count: the loads of the first
+# num_stages - 1 iterations are issued before the loop (straight-line code) and the in-loop prefetches
+# are predicated off at the end, so the SASS loop runs as often as the source loop.
+
+def _range_len(lo: int, hi: int, step: int) -> int:
+    """len(range(lo, hi, step)): the trips of `for _ in range(lo, hi, step)` (tl.range alike)."""
+    return max(0, -(-(hi - lo) // step))
+
+
+def _key_split(start_m, T_K, IS_CAUSAL, BLOCK_M, BLOCK_N):
+    """kernels/attention.py's _key_split: (mid, hi), keys < mid unmasked, keys >= hi skipped."""
+    if IS_CAUSAL:
+        return (min(start_m + 1, T_K) // BLOCK_N) * BLOCK_N, min(start_m + BLOCK_M, T_K)
+    return (T_K // BLOCK_N) * BLOCK_N, T_K
+
+
+def _trips_attn_fwd(a, pid):
+    """Two loops over key blocks: unmasked [0, mid), then MASKED [mid, hi)."""
+    mid, hi = _key_split(pid[0] * a.BLOCK_M, a.T_K, a.IS_CAUSAL, a.BLOCK_M, a.BLOCK_N)
+    return _range_len(0, mid, a.BLOCK_N), _range_len(mid, hi, a.BLOCK_N)
+
+
+def _trips_attn_dq(a, pid):
+    """As the forward: unmasked key blocks [0, mid), then MASKED [mid, hi)."""
+    return _trips_attn_fwd(a, pid)
+
+
+def _trips_attn_dkdv(a, pid):
+    """Causal: the MASKED query blocks straddling the diagonal [lo, mid), then [mid, T_Q) unmasked.
+    Not causal: one loop over all query blocks."""
+    start_n = pid[0] * a.BLOCK_N
+    if not a.IS_CAUSAL:
+        return (_range_len(0, a.T_Q, a.BLOCK_M),)
+    mid = min(-(-(start_n + a.BLOCK_N) // a.BLOCK_M) * a.BLOCK_M, a.T_Q)
+    return _range_len((start_n // a.BLOCK_M) * a.BLOCK_M, mid, a.BLOCK_M), _range_len(mid, a.T_Q, a.BLOCK_M)
+
+
+def _trips_ln_bwd(a, pid):
+    """Program pid walks row blocks pid, pid + P, .. < cdiv(n_rows, ROWS), P = the grid's size."""
+    return (_range_len(pid[0], -(-a.n_rows // a.ROWS), a.grid[0]),)
+
+
+def _no_loop(a, pid):
+    return ()
+
+
+TRIP_MODELS = {
+    "_attn_fwd_kernel": _trips_attn_fwd,
+    "_attn_bwd_preprocess_kernel": _no_loop,
+    "_attn_bwd_dkdv_kernel": _trips_attn_dkdv,
+    "_attn_bwd_dq_kernel": _trips_attn_dq,
+    "_dropout_mask_kernel": _no_loop,  # both ops' (attention's and layer norm's)
+    "_ln_fwd_kernel": _no_loop,
+    "_ln_bwd_kernel": _trips_ln_bwd,
+}
+
+
+class LaunchArgs:
+    """A launch's arguments by parameter name, plus grid and num_warps: what a trip model reads."""
+
+    def __init__(self, launch: "Launch", num_warps: int):
+        self.__dict__.update(zip(launch.fn.arg_names, launch.args))
+        self.__dict__.update(launch.kwargs)
+        self.grid, self.num_warps = launch.grid, num_warps
+
+
+def launch_cost(launch: "Launch", res: dict) -> dict:
+    """Warp-instructions one launch issues: for every program, the straight-line code once plus each
+    SASS loop body times its trip count in that program, times the warps of a program.
+
+    Returns programs, trips (per loop, summed over the programs), warp_instructions and issue_us, or
+    an error (no model, or a model that expects another number of loops) with those unknown.
+    """
+    model = TRIP_MODELS.get(launch.kernel)
+    loops = res["loop_instructions"]
+    unknown = dict(programs=None, trips=None, warp_instructions=None, issue_us=None)
+    if model is None:
+        return dict(unknown, error=f"no trip-count model for {launch.kernel}: add one to TRIP_MODELS in "
+                                   f"bench/compile_check.py ({len(loops)} SASS loops)")
+    a = LaunchArgs(launch, res["num_warps"])
+    g0, g1, g2 = launch.grid
+    trips = [0] * len(loops)
+    for p0 in range(g0):
+        for p2 in range(g2):
+            for p1 in range(g1):
+                t = tuple(model(a, (p0, p1, p2)))
+                if len(t) != len(loops):
+                    return dict(unknown, error=(
+                        f"trip-count model out of date: {model.__name__} gives {len(t)} loop(s), the SASS of "
+                        f"{launch.kernel} has {len(loops)} (bodies {loops}); update TRIP_MODELS in "
+                        f"bench/compile_check.py"))
+                for i, n in enumerate(t):
+                    trips[i] += n
+    programs = g0 * g1 * g2
+    per_warp = programs * res["straight_instructions"] + sum(n * t for n, t in zip(loops, trips))
+    warp_instructions = per_warp * res["num_warps"]
+    return dict(programs=programs, trips=trips, warp_instructions=warp_instructions,
+                issue_us=issue_us(warp_instructions))
+
+
+ISSUE_RATE = H100_SMS * 4 * 1.755e9  # warp-instructions a second: 132 SMs x 4 schedulers x 1.755 GHz
+
+
+def issue_us(warp_instructions: int) -> float:
+    """The issue-bound time: every scheduler of every SM issuing one warp-instruction a cycle."""
+    return round(warp_instructions / ISSUE_RATE * 1e6, 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,6 +821,29 @@ def _short_error(exc: BaseException) -> str:
 
 
 _LAUNCHES: list[Launch] = []  # read by the forked workers
+_COST = False  # --cost: disassemble and analyze each variant (set before the workers fork)
+_DUMP_DIR: Path | None = None  # --dump-dir
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_")
+
+
+def static_analysis(launch: Launch, kernel) -> dict:
+    """--cost and --dump-dir: the SASS's loops and memory instructions, the dot paths; keeps the files."""
+    sass = disassemble(kernel.asm["cubin"])
+    if _DUMP_DIR is not None:
+        stem = _DUMP_DIR / f"{launch.group}.{launch.kernel}.{_slug(launch.label)}"
+        for ext in ("ttir", "ttgir", "ptx"):
+            Path(f"{stem}.{ext}").write_text(kernel.asm[ext])
+        Path(f"{stem}.cubin").write_bytes(kernel.asm["cubin"])
+        Path(f"{stem}.sass").write_text(sass)
+    if not _COST:
+        return {}
+    out = analyze_sass(sass)
+    out["hgmma"], out["dots_ttir"], out["wgmma_ttgir"] = dot_paths(kernel.asm["ttir"], kernel.asm["ttgir"],
+                                                                   out["hgmma_sass"])
+    return out
 
 
 def compile_one(index: int) -> dict:
@@ -409,6 +867,11 @@ def compile_one(index: int) -> dict:
     md = kernel.metadata
     result.update(shared=md.shared, num_warps=md.num_warps, num_stages=md.num_stages)
     result.update(resource_usage(log.getvalue(), kernel.asm["cubin"]))
+    if _COST or _DUMP_DIR is not None:
+        try:
+            result.update(static_analysis(launch, kernel))
+        except Exception as exc:  # noqa: BLE001 - reported with the variant
+            result["problems"].append(f"static analysis failed: {_short_error(exc)}")
     if md.shared > SM90_MAX_SHARED:
         result["problems"].append(f"shared memory {md.shared} B > {SM90_MAX_SHARED} B ({SM90_MAX_SHARED // 1024} KB), "
                                   f"the most an H100 block may use: the launch would raise OutOfResources")
@@ -455,6 +918,118 @@ def is_spilling(res: dict) -> bool:
     return bool(res.get("stack"))
 
 
+_BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROWS", "BLOCK_C")
+
+
+def cost_record(launch: Launch, res: dict) -> dict:
+    """One variant's --cost record (a row of the table, an element of --json's list)."""
+    rec = dict(kernel=launch.kernel, variant=launch.label, group=launch.group, call=launch.call,
+               block={k: launch.kwargs[k] for k in _BLOCK_KEYS if k in launch.kwargs})
+    if "shared" not in res or "loop_instructions" not in res:
+        problems = res["problems"] + ([res["error"].strip().splitlines()[-1]] if res.get("error") else [])
+        return dict(rec, error="; ".join(problems) or "not compiled", warp_instructions=None, issue_us=None)
+    spill = (res["spill_st"] + res["spill_ld"]) if res.get("spill_st") is not None else res.get("stack")
+    rec.update(
+        warps=res["num_warps"], stages=res["num_stages"], regs=res.get("regs"), smem=res["shared"],
+        spill_bytes=spill, hgmma=res["hgmma"], dots=dict(ttir=res["dots_ttir"], ttgir_wgmma=res["wgmma_ttgir"],
+                                                           sass_hgmma=res["hgmma_sass"],
+                                                           hgmma_shapes=res["hgmma_shapes"]),
+        ldg={str(k): v for k, v in res["ldg"].items()}, stg={str(k): v for k, v in res["stg"].items()},
+        ldg128=res["ldg"].get(128, 0), stg128=res["stg"].get(128, 0), ldgsts=res["ldgsts"], tma=res["tma"],
+        local_memory=dict(ldl=res["ldl"], stl=res["stl"]), barriers=res["barriers"],
+        instructions=res["instructions"], loop_instructions=res["loop_instructions"],
+        loop_barriers=res["loop_barriers"], loop_hgmma=res["loop_hgmma"], loop_inf_selects=res["loop_inf_selects"],
+        loop_depth=res["loop_depth"], loop_addresses=res["loop_addresses"],
+        straight_instructions=res["straight_instructions"], grid=list(launch.grid))
+    rec.update(launch_cost(launch, res))
+    warnings_ = list(res["sass_warnings"]) + res["problems"]
+    if spill:
+        warnings_.append(f"{spill} bytes of register spills")
+    if warnings_:
+        rec["warning"] = "; ".join(warnings_)
+    return rec
+
+
+def _widths(counts: dict) -> str:
+    return " ".join(f"{n}x{bits}" for bits, n in counts.items()) or "-"
+
+
+def _cost_row(r: dict) -> str:
+    block = "x".join(str(v) for k, v in r["block"].items() if k != "BLOCK_D") or "-"
+    if "smem" not in r:
+        return f"| {r['kernel']} | {r['variant']} | {block} | FAIL: {r['error']} |" + " |" * 14
+    hgmma = {True: "yes", False: "NO", None: "-"}[r["hgmma"]]
+    if r["dots"]["hgmma_shapes"]:
+        hgmma += f" ({', '.join(r['dots']['hgmma_shapes'])})"
+    local = f"{r['local_memory']['ldl']}/{r['local_memory']['stl']}"
+    extra = [f"{r['ldgsts']} LDGSTS"] * bool(r["ldgsts"]) + [f"{r['tma']} TMA"] * bool(r["tma"])
+    loops = " + ".join(str(n) for n in r["loop_instructions"]) or "-"
+    bars = f"{r['barriers']} ({' + '.join(str(n) for n in r['loop_barriers'])})" if r["loop_barriers"] else \
+        str(r["barriers"])
+    if r["warp_instructions"] is None:
+        trips, warp, us = "?", "unknown", "?"
+    else:
+        trips = " + ".join(f"{t / r['programs']:.2f}".rstrip("0").rstrip(".") for t in r["trips"]) or "-"
+        warp, us = f"{r['warp_instructions']:,}", f"{r['issue_us']:.2f}"
+    return (f"| {r['kernel']} | {r['variant']} | {block} | {r['warps']}/{r['stages']} | {r['regs']} | {r['smem']:,} | "
+            f"{r['spill_bytes']} | {hgmma} | {_widths(r['ldg'])}{' ' + ' '.join(extra) if extra else ''} | "
+            f"{_widths(r['stg'])} | {local} | {bars} | {loops} | {trips} | {r['straight_instructions']} | "
+            f"{r['programs'] if r['programs'] is not None else '?'} | {warp} | {us} |")
+
+
+def print_cost_report(records: list[dict], launches: list[Launch], results_by_key: dict) -> list[str]:
+    """The --cost tables: one row per variant, then per call (a launcher call's launches summed) and
+    the issues' target ratios. Returns the errors (a trip model out of date, a failed variant)."""
+    print()
+    print("| kernel | variant | block | warps/stages | regs | smem B | spill B | HGMMA | LDG (count x bits) | "
+          "STG | LDL/STL | BAR (in loops) | loop instr. (SASS order) | trips/program | straight instr. | programs | "
+          "warp-instr. | issue us |")
+    print("|---|---|---|---|---:|---:|---:|---|---|---|---|---|---|---|---:|---:|---:|---:|")
+    for r in records:
+        print(_cost_row(r))
+    errors = [f"{r['kernel']} {r['variant']}: {r['error']}" for r in records if r.get("error")]
+    for r in records:
+        if r.get("warning"):
+            print(f"warning: {r['kernel']} {r['variant']}: {r['warning']}")
+
+    # Per call: each launch costed with its own grid (a kernel launched twice counts twice).
+    calls: dict[str, list] = {}
+    for launch in launches:
+        res = results_by_key[launch.key]
+        cost = launch_cost(launch, res) if "loop_instructions" in res else dict(warp_instructions=None)
+        calls.setdefault(launch.call, []).append((launch.kernel, cost["warp_instructions"]))
+    print()
+    print("| call (model shapes) | launches | warp-instr. | issue us |")
+    print("|---|---|---:|---:|")
+    for call, parts in calls.items():
+        total = None if any(w is None for _, w in parts) else sum(w for _, w in parts)
+        names = " + ".join(k for k, _ in parts)
+        print(f"| {call} | {names} | {'unknown' if total is None else f'{total:,}'} | "
+              f"{'?' if total is None else f'{issue_us(total):.2f}'} |")
+
+    def call_sum(call, kernel_re=None):  # None when the call (or its kernels) was not captured or is unknown
+        parts = [w for k, w in calls.get(call, []) if kernel_re is None or re.search(kernel_re, k)]
+        return None if not parts or any(w is None for w in parts) else sum(parts)
+
+    step = [(n, call_sum(call)) for call, n in STEP_CALLS.items()]
+    if all(w is not None for _, w in step):
+        total = sum(n * w for n, w in step)
+        print(f"| one training step's attention and LayerNorm calls ({sum(STEP_CALLS.values())}) | | "
+              f"{total:,} | {issue_us(total):.2f} |")
+
+    lines = []
+    for what, num, den, kernel_re, target in COST_RATIOS:
+        a, b = call_sum(num, kernel_re), call_sum(den, kernel_re)
+        if a is not None and b:
+            lines.append(f"| {what} | {a / b:.2f} | <= {target} | {'met' if a / b <= target else 'not met'} |")
+    if lines:
+        print()
+        print("| ratio of warp-instructions (issues 10, 11) | now | target | |")
+        print("|---|---:|---:|---|")
+        print("\n".join(lines))
+    return errors
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -468,10 +1043,24 @@ def parse_args(argv=None):
                                         "really runs and its -v log gives the spill counts)")
     ap.add_argument("--list", action="store_true", help="list the variants, compile nothing")
     ap.add_argument("-v", "--verbose", action="store_true", help="full error text under each failure")
-    return ap.parse_args(argv)
+    ap.add_argument("--cost", action="store_true",
+                    help="the static cost report: the model's training variants at its shapes, with SASS loop "
+                         "bodies, memory widths, HGMMA and the warp-instructions a launch issues (--quick: "
+                         "one variant per kernel, the dropout calls)")
+    ap.add_argument("--json", metavar="PATH", help="with --cost: write the records as a JSON list")
+    ap.add_argument("--dump-dir", metavar="DIR", help="keep each variant's ttir, ttgir, ptx, cubin and sass here")
+    args = ap.parse_args(argv)
+    if args.json and not args.cost:
+        ap.error("--json needs --cost")
+    return args
 
 
 def main(argv=None) -> int:
+    # Before triton is imported (nothing above imports it): the interpreter's kernels cannot compile.
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: removing TRITON_INTERPRET from the environment (the interpreter cannot compile)",
+              file=sys.stderr)
+    os.environ.pop("TRITON_INTERPRET", None)
     args = parse_args(argv)
     t0 = time.perf_counter()
     cache_tmp = None
@@ -522,13 +1111,16 @@ def _main(args, t0) -> int:
         return EXIT_UNAVAILABLE
     ptxas_version = probe.stdout.strip().splitlines()
     print(f"triton {triton.__version__} | torch {torch.__version__} | GPUTarget('cuda', {TARGET_ARCH}, {WARP_SIZE}) | "
-          f"{ptxas} ({ptxas_version[-1] if ptxas_version else '?'})")
+          f"{ptxas} ({', '.join(ptxas_version[-2:]) or '?'})")
 
     rec = Recorder()
     with rec.active():
         plans = QUICK_PLANS if args.quick else FULL_PLANS
         for group, capture in (("attention", capture_attention), ("layernorm", capture_layernorm)):
             if args.only in (None, group):
+                if args.cost:
+                    capture_cost(rec, group, args.quick)
+                    continue
                 for plan in plans[group]:
                     capture(rec, plan)
     launches = rec.launches
@@ -540,8 +1132,12 @@ def _main(args, t0) -> int:
     for launch in launches:
         launch.key = specialization_key(launch, binder_for(launch.fn))
         variants.setdefault(launch.key, launch)
-    global _LAUNCHES
+    global _LAUNCHES, _COST, _DUMP_DIR
     _LAUNCHES = list(variants.values())
+    _COST = args.cost
+    if args.dump_dir:
+        _DUMP_DIR = Path(args.dump_dir).resolve()
+        _DUMP_DIR.mkdir(parents=True, exist_ok=True)
     print(f"{len(launches)} launches captured, {len(_LAUNCHES)} distinct specializations to compile "
           f"({time.perf_counter() - t0:.1f} s)")
     if args.list:
@@ -614,7 +1210,20 @@ def _main(args, t0) -> int:
             lines = (r["error"] or "").strip().splitlines()
             reason = r["problems"][0] if r["problems"] else (lines[-1] if lines else "?")
             print(f"  {launch.kernel} {launch.label} {_config_text(launch, r)}: {reason}")
-    return 1 if failed else 0
+    if not args.cost:
+        return 1 if failed else 0
+
+    results_by_key = {_LAUNCHES[r["index"]].key: r for r in results}
+    records = [cost_record(_LAUNCHES[r["index"]], r) for r in results]
+    errors = print_cost_report(records, launches, results_by_key)
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        print(f"\n{len(records)} records written to {args.json}")
+    if errors:
+        print("\nCOST REPORT INCOMPLETE:")
+        for e in errors:
+            print(f"  {e}")
+    return 1 if failed or errors else 0
 
 
 if __name__ == "__main__":
