@@ -29,10 +29,12 @@ def seed_tensor(seed, device: torch.device) -> torch.Tensor:
 
     A tensor seed lets a CUDA graph replay a step with fresh dropout bits: the seed is drawn on the
     device by torch's generator (graph-safe) instead of being baked into the kernel's arguments.
-    None draws one from torch's generator for that device, so torch.manual_seed makes runs repeat.
+    None draws a 63-bit one from torch's generator for that device (on the device, so graph-safe),
+    and torch.manual_seed makes runs repeat. Both 32-bit halves of the seed key the generator
+    (kernels.dropout), so two draws give the same mask only if all 63 bits agree.
     """
     if seed is None:
-        return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+        return torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"a tensor seed must hold one int32/int64 value, got {seed.dtype} of shape {tuple(seed.shape)}")
