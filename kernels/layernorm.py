@@ -364,17 +364,29 @@ def _mask_config(n_cols: int) -> tuple[int, int]:
     return block_c, max(1, 4096 // block_c)
 
 
-_RESIDENT: dict = {}  # (device, configuration) -> backward programs per SM
+def _blocks_per_sm(n_regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536,
+                   smem_per_sm: int = 233472, threads_per_sm: int = 2048) -> int:
+    """How many blocks of a compiled kernel one SM holds at once (defaults: an sm_90 SM).
+
+    Registers are allocated 256 a warp; each block also takes 1 KB of shared memory for the system.
+    """
+    regs_per_warp = -(-n_regs * 32 // 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps)
+    by_warps = threads_per_sm // (32 * num_warps)
+    by_smem = smem_per_sm // (shared + 1024)
+    return max(1, min(by_regs, by_warps, by_smem, _MAX_BLOCKS_PER_SM))
+
+
+_RESIDENT: dict = {}  # (device, configuration) -> backward programs that fit on the device at once
 
 
 def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) -> int:
     """Backward grid size: as many programs as fit on the device at once, never more than row blocks.
 
-    On a GPU, from the compiled kernel: its registers, shared memory and warps against one SM's
-    (65536 registers allocated 256 a warp, the SM's shared memory, 64 warps, 32 blocks), times the
-    SMs; computed once per device and configuration. A grid that fits in one wave keeps every program
-    busy until the end; the fixed count keeps the order of the dweight/dbias sums fixed. Off the GPU
-    (Triton's interpreter), a small fixed count.
+    On a GPU, from the compiled kernel's registers and shared memory (_blocks_per_sm) times the
+    SMs, computed once per device and configuration: one wave keeps every program busy to the end,
+    and a fixed count keeps the order of the dweight/dbias sums fixed. Off the GPU (Triton's
+    interpreter), a small fixed count.
     """
     if device.type != "cuda":
         return max(1, min(n_blocks, _INTERPRETER_PROGRAMS))
@@ -384,13 +396,9 @@ def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) 
         kernel = _ln_bwd_kernel.warmup(*args, grid=(1,), **meta)
         kernel._init_handles()  # loads the binary: n_regs becomes known
         props = torch.cuda.get_device_properties(device)
-        warps = kernel.metadata.num_warps
-        regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256
-        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps)
-        by_warps = props.max_threads_per_multi_processor // (32 * warps)
-        shared = kernel.metadata.shared
-        by_smem = props.shared_memory_per_multiprocessor // (shared + 1024) if shared else _MAX_BLOCKS_PER_SM
-        per_sm = max(1, min(by_regs, by_warps, by_smem, _MAX_BLOCKS_PER_SM))
+        per_sm = _blocks_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps,
+                                getattr(props, "regs_per_multiprocessor", 65536),
+                                props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor)
         _RESIDENT[key] = per_sm * props.multi_processor_count
     return max(1, min(n_blocks, _RESIDENT[key]))
 
