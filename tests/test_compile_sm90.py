@@ -58,8 +58,9 @@ def test_every_kernel_compiles_for_sm90():
 # The kernels a training step launches, and those among them that loop (and so have SASS loops).
 # A kernel renamed, added or given loops belongs here and in compile_check.py's TRIP_MODELS.
 COST_KERNELS = {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-                "_ln_fwd_kernel", "_ln_bwd_kernel"}
-LOOPING_KERNELS = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_ln_bwd_kernel"}
+                "_ln_fwd_kernel", "_ln_bwd_kernel", "_ln_bwd_reduce_kernel"}
+LOOPING_KERNELS = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_ln_bwd_kernel",
+                   "_ln_bwd_reduce_kernel"}
 MMA_KERNELS = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}  # kernels with tl.dot
 
 
