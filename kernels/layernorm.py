@@ -6,19 +6,27 @@ The math (over one row of C values, all in fp32):
     xhat = (s - mean) * rstd   y = xhat * w + b
 
 s is the value stored, rounded to the compute dtype, which is also what backward reads: the
-statistics come from it, not from the unrounded sum. The mean takes two passes, the second
-corrected: mean0 = sum(s) / C, d = s - mean0, mean = mean0 + sum(d) / C and
-var = sum(d^2) / C - (sum(d) / C)^2. On a constant row d is the same everywhere, so mean is the
-row's value exactly and y = bias exactly, as PyTorch gives; on a row with a large mean and a small
-spread, d is exact and the mean is nearly correctly rounded. xhat is computed from the rounded
-fp32 mean in both directions, so forward and backward agree.
+statistics come from it, not from the unrounded sum. Two passes, the mean then the variance around
+it, and a mean that is exact on a constant row (then y = bias exactly, as PyTorch gives):
+
+- 16-bit s (C <= 2^(24 - p), p the significand's bits: any C for bf16, C <= 8192 for fp16): the
+  fp32 sum of C equal values is exact, and one Markstein step, mean += (sum - mean C) / C with the
+  remainder taken by an fma, makes mean = sum / C correctly rounded, so the row's value;
+- fp32 s: the second pass also sums d = s - mean0 (exact when s is near mean0, mean0 = sum / C):
+  mean = mean0 + sum(d) / C and var = sum(d^2) / C - (sum(d) / C)^2. A constant row has d the same
+  everywhere, so mean is its value. On rows with a large mean and a small spread the mean is
+  then nearly correctly rounded.
+
+Measured at (16384, 384) bf16 (sm_90): the Markstein step costs 7 instructions a program of 16
+rows; the corrected second pass (the fp32 scheme) would cost 114. xhat is computed from the
+rounded fp32 mean in both directions, so forward and backward agree.
 
 Backward, with dy the upstream gradient and dxhat = dy * w (dy when there is no weight):
 
     dweight = sum over rows of dy * xhat        dbias = sum over rows of dy
     ds = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))  (+ the gradient that reaches s
                                                                     directly, from its later use)
-    dresidual = ds             dx = ds * keep / (1 - p)   (dx = ds without dropout)
+    dresidual = ds             dx = ds * keep * scale   (dx = ds without dropout)
 
 The two means come from differentiating through mean and rstd: d(mean)/ds = 1/C and
 d(rstd)/ds = -rstd^3 (s - mean) / C, which collapse to the mean(dxhat) and xhat * mean(dxhat * xhat)
@@ -26,23 +34,30 @@ terms. Only mean and rstd (fp32, one each per row) are saved; xhat is recomputed
 
 Layout. A row is held as two pieces of power-of-two widths, the head (the largest power of two
 <= C) and the tail (the rest, rounded up, masked at C): C = 384 is 256 + 128, so no lane holds a
-padding column. A piece is (ROWS, K, 128): each thread holds 4 consecutive columns of each
-128-column sub-piece, so both pieces share one register layout, and with ROWS = num_warps a warp
-owns a row and every row sum stays inside the warp (shuffles, no shared memory, no barrier).
+padding column. A piece is (ROWS / 2, K, 2, 128): pair m of rows 2m, 2m + 1, sub-piece k of 128
+columns, the row in the pair, the column. Each thread holds 4 consecutive columns of each
+sub-piece of both rows of its pair, so both pieces share one register layout; a warp owns a pair,
+and every row sum stays inside the warp (shuffles, no shared memory, no barrier).
 
 dweight and dbias are reduced without atomics. The backward grid has as many programs as fit on
 the GPU at once (from the compiled kernel's registers and shared memory). Each walks a fixed set
-of row blocks, accumulating dy * xhat and dy per element in registers; after its last block it
-sums them over its rows and writes one row of the (P, 2, C) partials. One small kernel sums those
-over P in a fixed order and casts to the parameters' dtype. Same device, same bits, every run.
+of row blocks, accumulating dy * xhat and dy per column in registers; after its last block it
+sums them across its warps and writes one row of the (P, 2, C) partials. One small kernel sums
+those over P in a fixed order and casts to the parameters' dtype. Same device, same bits, every run.
 
-Dropout bits are not stored: backward draws them again with the forward's helper, `_dropout_keep`,
-which `dropout_keep_mask` runs too. Philox (tl.randint4x, the generator behind tl.rand) returns four
-32-bit words per counter. Element (row, col) of x viewed as (rows, C) takes word col % 4 of counter
-row * ceil(C / 4) + col // 4, mapped to [0, 1) as tl.rand does, and is kept when that is >= p. One
-Philox call thus serves the four columns a thread holds, and the bits depend on (seed, row, col)
-only, never on the pieces, ROWS or the grid. The counter is an int64 (Philox takes its low and high halves as two of its
-32-bit counters), so it never wraps.
+Dropout (kernels.dropout's generator: Philox4x32-7 keyed by the 64-bit seed, 16-bit slices against
+an integer threshold, p quantized to 1/65536 and scale = 1 / (1 - that p)). Element (r, c) of x
+viewed as (rows, C) is kept when slice 4 (r % 2) + c % 4 of the Philox call on counter
+
+    (c0, c1, c2, c3) = ((r // 2) % 2^32, c // 4, STREAM_LAYERNORM, (r // 2) // 2^32)
+
+is >= the threshold; slice j is the low (j even) or high (j odd) half of word j // 2. One call thus
+serves a 2 x 4 block, rows 2m and 2m + 1 by columns 4q to 4q + 3: exactly what a thread holds, so
+every call is made once, in the data's register layout, for real columns only (a column past C
+never takes a call a real column needs). The bits depend on (seed, row, col) only, never on the
+pieces, ROWS or the grid; no other op uses the STREAM_LAYERNORM counters. Backward draws the bits
+again with the same helper, `_dropout_keep`, which `dropout_keep_mask` runs too. dropout(x) is
+rounded to x's dtype before the add, as residual + F.dropout(x) rounds it.
 """
 
 from __future__ import annotations
@@ -56,6 +71,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._common import check_dropout_p, check_float_tensor, seed_tensor
+from kernels.dropout import STREAM_LAYERNORM, dropout_threshold, philox
 
 MAX_COLS = 16384  # a row lives in registers (<= 32 fp32 values a thread per tensor at 16 warps)
 _SUB = 128  # columns of a sub-piece: 32 lanes x 4 consecutive columns
@@ -64,54 +80,77 @@ _MAX_BLOCKS_PER_SM = 32  # the most resident blocks one SM holds (sm_80 to sm_90
 
 
 @triton.jit
-def _dropout_keep(seed, rows, cols, n_groups, dropout_p):
-    """Bool keep mask, rows (int64) and cols (int32) broadcast against each other.
+def _dropout_keep(seed, pairs, halves, cols, threshold_hi, shape):
+    """Bool keep mask of shape `shape`: x's elements (row 2 pairs + halves, column cols).
 
-    n_groups = ceil(C / 4); column c is kept when word c % 4 of counter row * n_groups + c // 4 is
-    >= p. Written per element: the columns a thread holds share their counter (c // 4), so the
-    compiler computes each Philox call once per thread, with no layout conversion.
+    One Philox call serves 2 rows x 4 columns: element (r, c) takes slice 4 (r % 2) + c % 4 of
+    counter ((r // 2) % 2^32, c // 4, STREAM_LAYERNORM, (r // 2) // 2^32), that is word
+    2 (r % 2) + (c % 4) // 2, high half when c is odd. pairs (int64) holds r // 2 and halves r % 2.
+    The counters are built at the data's own shape and register layout (no conversion); those of
+    the columns and rows a thread holds repeat, and the compiler runs each distinct call once.
     """
-    counter = rows * n_groups + cols // 4  # int64
-    r0, r1, r2, r3 = tl.rand4x(seed, counter)
-    word = cols % 4
-    u = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
-    return u >= dropout_p
+    zero = tl.zeros(shape, tl.uint32)
+    w0, w1, w2, w3 = philox(seed, (pairs & 0xFFFFFFFF).to(tl.uint32) + zero, (cols // 4).to(tl.uint32) + zero,
+                            zero + STREAM_LAYERNORM, (pairs >> 32).to(tl.uint32) + zero)
+    quad = cols % 4
+    word = tl.where(halves == 0, tl.where(quad < 2, w0, w1), tl.where(quad < 2, w2, w3))
+    # The slice moved to the top 16 bits, against the threshold moved there too (threshold_hi).
+    return tl.where(cols % 2 == 1, word, word << 16) >= threshold_hi.to(tl.uint32)
+
+
+@triton.jit
+def _block_rows(block, ROWS: tl.constexpr, PAIR: tl.constexpr):
+    """Rows of row block `block` as (ROWS / PAIR, 1, PAIR, 1): with PAIR = 2, pair m holds rows
+    2 m and 2 m + 1 in one thread (the dims of size PAIR live in registers). Returns (rows, r // 2,
+    r % 2), the last two for the dropout counters, without the pair dimension when PAIR = 2."""
+    if PAIR == 2:
+        pairs = block * (ROWS // 2) + tl.arange(0, ROWS // 2)[:, None, None, None]  # (M, 1, 1, 1)
+        halves = tl.arange(0, 2)[None, None, :, None]  # (1, 1, 2, 1)
+        rows = 2 * pairs + halves
+    else:
+        rows = block * ROWS + tl.arange(0, ROWS)[:, None, None, None]  # (ROWS, 1, 1, 1)
+        pairs = rows // 2
+        halves = rows % 2
+    return rows, pairs.to(tl.int64), halves
 
 
 @triton.jit
 def _piece_cols(START: tl.constexpr, WIDTH: tl.constexpr, SUB: tl.constexpr):
-    """Columns START .. START + WIDTH - 1 shaped (1, WIDTH / SUB, SUB): sub-piece k, column c is
+    """Columns START .. START + WIDTH - 1 shaped (1, WIDTH / SUB, 1, SUB): sub-piece k, column c is
     START + k SUB + c. A thread holds 4 consecutive columns of each sub-piece (the contiguity hint
     caps 16-bit loads at 64 bits), so every piece of every width >= 128 has one register layout."""
-    k = tl.arange(0, WIDTH // SUB)[None, :, None]  # (1, K, 1)
-    c = tl.max_contiguous(tl.arange(0, SUB), 4)[None, None, :]  # (1, 1, SUB)
+    k = tl.arange(0, WIDTH // SUB)[None, :, None, None]  # (1, K, 1, 1)
+    c = tl.max_contiguous(tl.arange(0, SUB), 4)[None, None, None, :]  # (1, 1, 1, SUB)
     return START + k * SUB + c
 
 
 @triton.jit
 def _row_sum(x):
-    """(ROWS, K, SUB) -> (ROWS, 1, 1): the sum over a piece's columns."""
-    return tl.sum(tl.sum(x, axis=2, keep_dims=True), axis=1, keep_dims=True)
+    """(M, K, PAIR, SUB) -> (M, 1, PAIR, 1): the sum over a piece's columns."""
+    return tl.sum(tl.sum(x, axis=3, keep_dims=True), axis=1, keep_dims=True)
 
 
 @triton.jit
-def _load_param(ptr, cols, shape, mask, MASKED: tl.constexpr):
-    """A (C,) parameter at cols, broadcast to the piece's shape in fp32 (each warp reads its copy)."""
-    cols = tl.broadcast_to(cols, shape)
+def _load_param(ptr, cols, pairs, mask, MASKED: tl.constexpr):
+    """A (C,) parameter at cols (1, K, 1, SUB) as (M, K, 1, SUB) fp32, M = pairs' first dim: each
+    warp reads its own copy, and the two rows of a pair share the registers."""
+    cols = cols + (pairs * 0).to(tl.int32)  # (M, K, 1, SUB)
     if MASKED:
-        return tl.load(ptr + cols, mask=tl.broadcast_to(mask, shape), other=0.0).to(tl.float32)
+        return tl.load(ptr + cols, mask=mask & (pairs == pairs), other=0.0).to(tl.float32)
     return tl.load(ptr + cols).to(tl.float32)
 
 
 @triton.jit
-def _fwd_piece(x_ptr, res_ptr, s_ptr, seed, rows, offs, cols, mask, n_groups, dropout_p, dropout_scale,
+def _fwd_piece(x_ptr, res_ptr, s_ptr, seed, pairs, halves, offs, cols, mask, threshold_hi, dropout_scale,
                HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """s = residual + dropout(x) on one piece of the rows, in fp32 as stored (s is stored when new)."""
     s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        s = tl.where(_dropout_keep(seed, rows, cols, n_groups, dropout_p), s * dropout_scale, 0.0)
+        # dropout(x) in x's dtype, as F.dropout returns it; then the add, as residual + F.dropout(x).
+        keep = _dropout_keep(seed, pairs, halves, cols, threshold_hi, s.shape)
+        s = (s * tl.where(keep, dropout_scale, 0.0)).to(x_ptr.dtype.element_ty).to(tl.float32)
     if HAS_RESIDUAL:
         s = (s + res).to(s_ptr.dtype.element_ty)
         tl.store(s_ptr + offs, s, mask=mask)
@@ -120,181 +159,203 @@ def _fwd_piece(x_ptr, res_ptr, s_ptr, seed, rows, offs, cols, mask, n_groups, dr
 
 
 @triton.jit
-def _fwd_out(y_ptr, w_ptr, b_ptr, s, mean, rstd, offs, cols, mask, mask_c, MASKED: tl.constexpr,
+def _fwd_out(y_ptr, w_ptr, b_ptr, d, rstd, offs, cols, pairs, mask, mask_c, MASKED: tl.constexpr,
              HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y = xhat * w + b on one piece, xhat = (s - mean) * rstd computed as backward computes it."""
-    y = (s - mean) * rstd
+    """y = xhat * w + b on one piece, xhat = d * rstd with d = s - mean."""
+    y = d * rstd
     if HAS_WEIGHT:
-        y = y * _load_param(w_ptr, cols, s.shape, mask_c, MASKED)
+        y = y * _load_param(w_ptr, cols, pairs, mask_c, MASKED)
     if HAS_BIAS:
-        y = y + _load_param(b_ptr, cols, s.shape, mask_c, MASKED)
+        y = y + _load_param(b_ptr, cols, pairs, mask_c, MASKED)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ln_fwd_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, seed_ptr,
-    n_rows, n_cols, inv_cols, eps, dropout_p, dropout_scale,
-    HEAD: tl.constexpr, TAIL: tl.constexpr, SUB_H: tl.constexpr, SUB_T: tl.constexpr, ROWS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, SAVE_STATS: tl.constexpr,
+    n_rows, n_cols, inv_cols, eps, threshold_hi, dropout_scale,
+    HEAD: tl.constexpr, TAIL: tl.constexpr, SUB: tl.constexpr, ROWS: tl.constexpr,
+    PAIR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SAVE_STATS: tl.constexpr, EXACT_SUM: tl.constexpr,
 ):
     # One program normalizes ROWS rows. A row is two pieces of power-of-two widths: the head, columns
     # [0, HEAD) with HEAD <= C (no column mask), and the tail, columns [HEAD, HEAD + TAIL) masked at C
     # (none when TAIL = 0); C = 384 is 256 + 128, so no lane holds a padding column. Each piece is
-    # (ROWS, K, SUB): with ROWS = num_warps, a warp owns a row and the row sums stay in the warp.
+    # (ROWS / PAIR, K, PAIR, SUB): a warp owns a pair of rows, whose sums stay in the warp.
     tl.static_assert(ROWS * (HEAD + TAIL) <= 16384, "a program's block must fit in registers")
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)[:, None, None]  # (ROWS, 1, 1)
+    tl.static_assert(HEAD % SUB == 0 and TAIL % SUB == 0, "both pieces are made of whole sub-pieces")
+    rows, pairs, halves = _block_rows(tl.program_id(0), ROWS, PAIR)  # (M, 1, PAIR, 1)
     mask_r = rows < n_rows
-    rows = rows.to(tl.int64)
-    row_start = rows * n_cols  # int64: addresses past 2^31 stay exact
+    row_start = rows.to(tl.int64) * n_cols  # int64: addresses past 2^31 stay exact
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    n_groups = (n_cols + 3) // 4
 
-    cols_h = _piece_cols(0, HEAD, SUB_H)  # (1, KH, SUB_H)
-    offs_h = row_start + cols_h  # (ROWS, KH, SUB_H)
-    s_h = _fwd_piece(x_ptr, res_ptr, s_ptr, seed, rows, offs_h, cols_h, mask_r, n_groups, dropout_p,
+    cols_h = _piece_cols(0, HEAD, SUB)  # (1, KH, 1, SUB)
+    offs_h = row_start + cols_h  # (M, KH, PAIR, SUB)
+    s_h = _fwd_piece(x_ptr, res_ptr, s_ptr, seed, pairs, halves, offs_h, cols_h, mask_r, threshold_hi,
                      dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)
-    total = _row_sum(s_h)  # (ROWS, 1, 1)
+    total = _row_sum(s_h)  # (M, 1, PAIR, 1)
     if TAIL > 0:
-        cols_t = _piece_cols(HEAD, TAIL, SUB_T)  # (1, KT, SUB_T)
+        cols_t = _piece_cols(HEAD, TAIL, SUB)  # (1, KT, 1, SUB)
         mask_ct = cols_t < n_cols
-        mask_t = mask_r & mask_ct  # (ROWS, KT, SUB_T)
+        mask_t = mask_r & mask_ct  # (M, KT, PAIR, SUB)
         offs_t = row_start + cols_t
-        s_t = _fwd_piece(x_ptr, res_ptr, s_ptr, seed, rows, offs_t, cols_t, mask_t, n_groups, dropout_p,
+        s_t = _fwd_piece(x_ptr, res_ptr, s_ptr, seed, pairs, halves, offs_t, cols_t, mask_t, threshold_hi,
                          dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)  # 0 past C
         total += _row_sum(s_t)
 
-    # Two passes, the second corrected: mean0 from the sum, d = s - mean0 (exact when s is near
-    # mean0), then mean = mean0 + mean(d) and var = mean(d^2) - mean(d)^2. A constant row has d equal
-    # everywhere, so mean(d) = d and mean is the row's value exactly: y = bias exactly, as in PyTorch.
-    mean0 = total * inv_cols  # (ROWS, 1, 1)
-    d_h = s_h - mean0
-    sum_d = _row_sum(d_h)
+    # Two passes: the mean, then the variance around it. The mean must be exact on a constant row
+    # (then s - mean = 0 and y = bias exactly, as PyTorch gives). With 16-bit s and C <= 2^(24 - p)
+    # (p the dtype's significand bits) the fp32 sum of a constant row is exact, and one correction
+    # step (Markstein) makes total / C correctly rounded: the row's value. Otherwise (fp32 s) the
+    # second pass also sums d = s - mean0 (exact when s is near mean0): mean = mean0 + mean(d),
+    # var = mean(d^2) - mean(d)^2, and a constant row, with d the same everywhere, gets its value.
+    mean = total * inv_cols  # (M, 1, PAIR, 1)
+    if EXACT_SUM:
+        mean = tl.fma(tl.fma(-mean, n_cols.to(tl.float32), total), inv_cols, mean)  # total / C, rounded once
+    d_h = s_h - mean
     sum_dd = _row_sum(d_h * d_h)
+    if not EXACT_SUM:
+        sum_d = _row_sum(d_h)
     if TAIL > 0:
-        d_t = tl.where(mask_t, s_t - mean0, 0.0)
-        sum_d += _row_sum(d_t)
+        d_t = tl.where(mask_t, s_t - mean, 0.0)
         sum_dd += _row_sum(d_t * d_t)
-    mean_d = sum_d * inv_cols
-    mean = mean0 + mean_d  # (ROWS, 1, 1)
-    rstd = tl.rsqrt(tl.maximum(sum_dd * inv_cols - mean_d * mean_d, 0.0) + eps)  # (ROWS, 1, 1)
+        if not EXACT_SUM:
+            sum_d += _row_sum(d_t)
+    var = sum_dd * inv_cols
+    if not EXACT_SUM:
+        mean_d = sum_d * inv_cols
+        mean += mean_d
+        var = tl.maximum(var - mean_d * mean_d, 0.0)
+        d_h = s_h - mean
+        if TAIL > 0:
+            d_t = s_t - mean
+    rstd = tl.rsqrt(var + eps)  # (M, 1, PAIR, 1)
 
-    _fwd_out(y_ptr, w_ptr, b_ptr, s_h, mean, rstd, offs_h, cols_h, mask_r, None, False, HAS_WEIGHT, HAS_BIAS)
+    # y from d = s - mean with the mean stored, as backward computes xhat.
+    _fwd_out(y_ptr, w_ptr, b_ptr, d_h, rstd, offs_h, cols_h, pairs, mask_r, None, False, HAS_WEIGHT, HAS_BIAS)
     if TAIL > 0:
-        _fwd_out(y_ptr, w_ptr, b_ptr, s_t, mean, rstd, offs_t, cols_t, mask_t, mask_ct, True, HAS_WEIGHT, HAS_BIAS)
+        _fwd_out(y_ptr, w_ptr, b_ptr, d_t, rstd, offs_t, cols_t, pairs, mask_t, mask_ct, True,
+                 HAS_WEIGHT, HAS_BIAS)
     if SAVE_STATS:
         tl.store(mean_ptr + rows, mean, mask=mask_r)
         tl.store(rstd_ptr + rows, rstd, mask=mask_r)
 
 
 @triton.jit
-def _bwd_store(dx_ptr, dres_ptr, ds, seed, rows, offs, cols, mask, n_groups, dropout_p, dropout_scale,
+def _bwd_store(dx_ptr, dres_ptr, ds, seed, pairs, halves, offs, cols, mask, threshold_hi, dropout_scale,
                HAS_DROPOUT: tl.constexpr):
     """Store dresidual = ds and dx = dropout's backward of ds (dx = ds without dropout), one piece."""
     if HAS_DROPOUT:
         tl.store(dres_ptr + offs, ds.to(dres_ptr.dtype.element_ty), mask=mask)
-        ds = tl.where(_dropout_keep(seed, rows, cols, n_groups, dropout_p), ds * dropout_scale, 0.0)
+        ds = ds * tl.where(_dropout_keep(seed, pairs, halves, cols, threshold_hi, ds.shape), dropout_scale, 0.0)
     tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ln_bwd_kernel(
     dy_ptr, ds_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, seed_ptr, dx_ptr, dres_ptr, partial_ptr,
-    n_rows, n_cols, inv_cols, dropout_p, dropout_scale,
-    HEAD: tl.constexpr, TAIL: tl.constexpr, SUB_H: tl.constexpr, SUB_T: tl.constexpr, ROWS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DS: tl.constexpr,
+    n_rows, n_cols, inv_cols, threshold_hi, dropout_scale,
+    HEAD: tl.constexpr, TAIL: tl.constexpr, SUB: tl.constexpr, ROWS: tl.constexpr,
+    PAIR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_DS: tl.constexpr,
 ):
     # Program pid handles row blocks pid, pid + P, pid + 2P, ... (P = number of programs), so which
     # rows feed which partial sum, and in what order, depends only on the shape and P. dweight and
     # dbias accumulate per element, in registers shaped as the pieces, and are reduced across rows
     # once, after the loop: the loop itself has no reduction across warps.
     tl.static_assert(ROWS * (HEAD + TAIL) <= 16384, "a program's block must fit in registers")
+    tl.static_assert(HEAD % SUB == 0 and TAIL % SUB == 0, "both pieces are made of whole sub-pieces")
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rows, ROWS)
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    n_groups = (n_cols + 3) // 4
-    cols_h = _piece_cols(0, HEAD, SUB_H)  # (1, KH, SUB_H)
-    acc_dw_h = tl.zeros((ROWS, HEAD // SUB_H, SUB_H), dtype=tl.float32)
-    acc_db_h = tl.zeros((ROWS, HEAD // SUB_H, SUB_H), dtype=tl.float32)
+    _, pairs0, _ = _block_rows(0, ROWS, PAIR)  # (M, 1, 1, 1): the shape the parameters take
+    # Accumulators (M, K, 1, SUB): the two rows of a pair are summed in the thread as they come.
+    cols_h = _piece_cols(0, HEAD, SUB)  # (1, KH, 1, SUB)
+    acc_dw_h = tl.zeros((ROWS // PAIR, HEAD // SUB, 1, SUB), dtype=tl.float32)
+    acc_db_h = tl.zeros((ROWS // PAIR, HEAD // SUB, 1, SUB), dtype=tl.float32)
     if HAS_WEIGHT:
-        w_h = _load_param(w_ptr, cols_h, acc_dw_h.shape, None, False)
+        w_h = _load_param(w_ptr, cols_h, pairs0, None, False)  # (M, KH, 1, SUB)
     if TAIL > 0:
-        cols_t = _piece_cols(HEAD, TAIL, SUB_T)  # (1, KT, SUB_T)
+        cols_t = _piece_cols(HEAD, TAIL, SUB)  # (1, KT, 1, SUB)
         mask_ct = cols_t < n_cols
-        acc_dw_t = tl.zeros((ROWS, TAIL // SUB_T, SUB_T), dtype=tl.float32)
-        acc_db_t = tl.zeros((ROWS, TAIL // SUB_T, SUB_T), dtype=tl.float32)
+        acc_dw_t = tl.zeros((ROWS // PAIR, TAIL // SUB, 1, SUB), dtype=tl.float32)
+        acc_db_t = tl.zeros((ROWS // PAIR, TAIL // SUB, 1, SUB), dtype=tl.float32)
         if HAS_WEIGHT:
-            w_t = _load_param(w_ptr, cols_t, acc_dw_t.shape, mask_ct, True)
+            w_t = _load_param(w_ptr, cols_t, pairs0, mask_ct, True)  # (M, KT, 1, SUB)
 
     for block in range(pid, n_blocks, n_progs):
-        rows = block * ROWS + tl.arange(0, ROWS)[:, None, None]  # (ROWS, 1, 1)
+        rows, pairs, halves = _block_rows(block, ROWS, PAIR)  # (M, 1, PAIR, 1)
         mask_r = rows < n_rows
-        rows = rows.to(tl.int64)
-        row_start = rows * n_cols
+        row_start = rows.to(tl.int64) * n_cols
         # Every load of the block first, so their latencies overlap; masked lanes read 0.
-        offs_h = row_start + cols_h  # (ROWS, KH, SUB_H)
+        offs_h = row_start + cols_h  # (M, KH, PAIR, SUB)
         s_h = tl.load(s_ptr + offs_h, mask=mask_r, other=0.0).to(tl.float32)
         dy_h = tl.load(dy_ptr + offs_h, mask=mask_r, other=0.0).to(tl.float32)
         if HAS_DS:
             ds_h = tl.load(ds_ptr + offs_h, mask=mask_r, other=0.0).to(tl.float32)
         if TAIL > 0:
-            mask_t = mask_r & mask_ct  # (ROWS, KT, SUB_T)
+            mask_t = mask_r & mask_ct  # (M, KT, PAIR, SUB)
             offs_t = row_start + cols_t
             s_t = tl.load(s_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
             dy_t = tl.load(dy_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
             if HAS_DS:
                 ds_t = tl.load(ds_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)  # (ROWS, 1, 1)
-        rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)  # (ROWS, 1, 1)
+        mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)  # (M, 1, PAIR, 1)
+        rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)  # (M, 1, PAIR, 1)
 
         # Masked lanes have dy = 0 (and rstd = 0 on masked rows): they add nothing to any sum.
+        # ds = rstd dxhat + ds_in - rstd (mean(dxhat) + xhat mean(dxhat xhat)): the first two terms
+        # now, so ds_in is consumed as soon as it arrives (ptxas otherwise sinks its loads past the
+        # row sums, to where it is used).
         xhat_h = (s_h - mean) * rstd
         dxhat_h = dy_h * w_h if HAS_WEIGHT else dy_h
+        ds_h = dxhat_h * rstd + ds_h if HAS_DS else dxhat_h * rstd
         if HAS_WEIGHT:
-            acc_dw_h += dy_h * xhat_h
+            acc_dw_h += tl.sum(dy_h * xhat_h, axis=2, keep_dims=True)
         if HAS_BIAS:
-            acc_db_h += dy_h
-        sum_dxx = _row_sum(dxhat_h * xhat_h)  # (ROWS, 1, 1)
+            acc_db_h += tl.sum(dy_h, axis=2, keep_dims=True)
+        sum_dxx = _row_sum(dxhat_h * xhat_h)  # (M, 1, PAIR, 1)
         sum_dx = _row_sum(dxhat_h)
         if TAIL > 0:
             xhat_t = (s_t - mean) * rstd
             dxhat_t = dy_t * w_t if HAS_WEIGHT else dy_t
+            ds_t = dxhat_t * rstd + ds_t if HAS_DS else dxhat_t * rstd
             if HAS_WEIGHT:
-                acc_dw_t += dy_t * xhat_t
+                acc_dw_t += tl.sum(dy_t * xhat_t, axis=2, keep_dims=True)
             if HAS_BIAS:
-                acc_db_t += dy_t
+                acc_db_t += tl.sum(dy_t, axis=2, keep_dims=True)
             sum_dxx += _row_sum(dxhat_t * xhat_t)
             sum_dx += _row_sum(dxhat_t)
         mean_dxx = sum_dxx * inv_cols
         mean_dx = sum_dx * inv_cols
 
-        ds_out = (dxhat_h - mean_dx - xhat_h * mean_dxx) * rstd
-        if HAS_DS:
-            ds_out += ds_h
-        _bwd_store(dx_ptr, dres_ptr, ds_out, seed, rows, offs_h, cols_h, mask_r, n_groups, dropout_p,
+        ds_h -= (mean_dx + xhat_h * mean_dxx) * rstd
+        _bwd_store(dx_ptr, dres_ptr, ds_h, seed, pairs, halves, offs_h, cols_h, mask_r, threshold_hi,
                    dropout_scale, HAS_DROPOUT)
         if TAIL > 0:
-            ds_out = (dxhat_t - mean_dx - xhat_t * mean_dxx) * rstd
-            if HAS_DS:
-                ds_out += ds_t
-            _bwd_store(dx_ptr, dres_ptr, ds_out, seed, rows, offs_t, cols_t, mask_t, n_groups, dropout_p,
+            ds_t -= (mean_dx + xhat_t * mean_dxx) * rstd
+            _bwd_store(dx_ptr, dres_ptr, ds_t, seed, pairs, halves, offs_t, cols_t, mask_t, threshold_hi,
                        dropout_scale, HAS_DROPOUT)
 
     # This program's partial sums: row pid of the (P, K, C) buffer, dweight then dbias (K = 2), or
     # whichever of them there is (K = 1).
     if HAS_WEIGHT:
         out = partial_ptr + pid * (1 + HAS_BIAS) * n_cols
-        tl.store(out + cols_h, tl.sum(acc_dw_h, axis=0, keep_dims=True))
+        tl.store(out + cols_h, _col_sum(acc_dw_h))
         if TAIL > 0:
-            tl.store(out + cols_t, tl.sum(acc_dw_t, axis=0, keep_dims=True), mask=mask_ct)
+            tl.store(out + cols_t, _col_sum(acc_dw_t), mask=mask_ct)
     if HAS_BIAS:
         out = partial_ptr + (pid * (1 + HAS_WEIGHT) + HAS_WEIGHT) * n_cols
-        tl.store(out + cols_h, tl.sum(acc_db_h, axis=0, keep_dims=True))
+        tl.store(out + cols_h, _col_sum(acc_db_h))
         if TAIL > 0:
-            tl.store(out + cols_t, tl.sum(acc_db_t, axis=0, keep_dims=True), mask=mask_ct)
+            tl.store(out + cols_t, _col_sum(acc_db_t), mask=mask_ct)
+
+
+@triton.jit
+def _col_sum(x):
+    """(M, K, 1, SUB) -> (1, K, 1, SUB): the sum over a piece's rows (across warps)."""
+    return tl.sum(x, axis=0, keep_dims=True)
 
 
 @triton.jit
@@ -321,47 +382,68 @@ def _ln_bwd_reduce_kernel(partial_ptr, dw_ptr, db_ptr, n_progs, n_cols,
 
 
 @triton.jit
-def _dropout_mask_kernel(seed_ptr, keep_ptr, n_rows, n_cols, dropout_p, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+def _dropout_mask_kernel(seed_ptr, keep_ptr, row0, n_rows, n_cols, threshold_hi,
+                         BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
     # The same helper as the forward and backward kernels; the bits depend on (seed, row, col) only.
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    # Row i of the output is row row0 + i of x (row0 > 0 only in the tests: rows past 2^32).
+    offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]  # (ROWS, BLOCK_C)
-    rows = rows.to(tl.int64)
-    keep = _dropout_keep(tl.load(seed_ptr), rows[:, None], cols[None, :], (n_cols + 3) // 4, dropout_p)  # (ROWS, BLOCK_C)
-    tl.store(keep_ptr + rows[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=mask)
+    mask = (offs_r < n_rows)[:, None] & (cols < n_cols)[None, :]  # (ROWS, BLOCK_C)
+    rows = row0 + offs_r.to(tl.int64)[:, None]  # (ROWS, 1)
+    keep = _dropout_keep(tl.load(seed_ptr), rows // 2, rows % 2, cols[None, :], threshold_hi, mask.shape)
+    tl.store(keep_ptr + offs_r.to(tl.int64)[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
 class _Config(NamedTuple):
     head: int  # the head piece's width: the largest power of two <= C
-    tail: int  # the tail piece's width: C - head rounded up to a power of two, or 0
+    tail: int  # the tail piece's width (0 when C is a power of two): see _config
     rows: int  # rows a program holds
     num_warps: int
 
     def meta(self) -> dict:
         """The kernels' shape constexprs and num_warps."""
-        return dict(HEAD=self.head, TAIL=self.tail, SUB_H=min(self.head, _SUB), SUB_T=max(1, min(self.tail, _SUB)),
-                    ROWS=self.rows, num_warps=self.num_warps)
+        return dict(HEAD=self.head, TAIL=self.tail, SUB=min(self.head, _SUB), ROWS=self.rows,
+                    PAIR=2 if self.rows % 2 == 0 else 1, num_warps=self.num_warps)
 
 
 def _config(n_cols: int) -> _Config:
-    """Pieces, rows and warps for a width: about 4096 elements a program, 16 a thread at most.
+    """Pieces, rows and warps for a width: about 8192 elements a program, padding included, and 32
+    a thread from 512 to 4096 columns (pairs of rows), 16 otherwise (narrow pieces replicate
+    more; a single row's register needs grow with the width).
 
-    For C = 384: pieces of 256 and 128, 8 rows, 8 warps (a warp to a row: the row sums stay in
-    the warp for 16-bit data, whose 128-bit loads give a warp 256 columns).
+    The tail is C - head rounded up to a power of two, and at least min(head, 128): then both pieces
+    are made of sub-pieces of one width, min(head, 128), and share one register layout. For C = 384:
+    pieces of 256 and 128, 16 rows, 8 warps: a warp to a pair of rows, 24 values of each a thread.
     """
     head = 1 << (n_cols.bit_length() - 1)
-    tail = triton.next_power_of_2(n_cols - head) if n_cols > head else 0
-    width = triton.next_power_of_2(n_cols)
-    rows = max(1, min(64, 4096 // width))
-    num_warps = max(1, min(16, rows * width // 512))
+    tail = max(triton.next_power_of_2(n_cols - head), min(head, _SUB)) if n_cols > head else 0
+    width = triton.next_power_of_2(head + tail)
+    rows = max(1, min(64, 8192 // width))
+    per_thread = 32 if 512 <= width <= 4096 else 16
+    num_warps = max(1, min(16, rows * width // (32 * per_thread)))
     return _Config(head, tail, rows, num_warps)
 
 
+def _max_regs(num_warps: int) -> int:
+    """Registers a thread may use in a block of num_warps (an SM has 65536; ptxas allows 255).
+
+    Passed as maxnreg: without it, ptxas (CUDA 12.8) held some of these kernels to 48 or 64
+    registers and spilled.
+    """
+    return min(255, 65536 // (32 * num_warps))
+
+
+def _exact_sum(dtype: torch.dtype, n_cols: int) -> bool:
+    """Whether the fp32 sum of C equal values of dtype is exact: 16-bit dtypes, C <= 2^(24 - p)."""
+    significand = {torch.float16: 11, torch.bfloat16: 8}.get(dtype)
+    return significand is not None and n_cols <= 2 ** (24 - significand)
+
+
 def _mask_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_C, ROWS) of dropout_keep_mask's kernel: column blocks of up to 1024, 4096 elements."""
-    block_c = min(1024, triton.next_power_of_2(n_cols))
-    return block_c, max(1, 4096 // block_c)
+    """(BLOCK_C, ROWS) of dropout_keep_mask's kernel: column blocks of up to 256, 1024 elements (8 a
+    thread: every element makes its own Philox call here)."""
+    block_c = min(256, triton.next_power_of_2(n_cols))
+    return block_c, max(1, 1024 // block_c)
 
 
 def _blocks_per_sm(n_regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536,
@@ -416,11 +498,13 @@ def _ln_forward(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stat
     if n_rows == 0:
         return y, s, mean, rstd
     cfg = _config(n_cols)
+    threshold, _, scale = dropout_threshold(dropout_p)
     _ln_fwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
         x2d, residual2d, weight, bias, y, s, mean, rstd, seed_t,
-        n_rows, n_cols, 1.0 / n_cols, eps, dropout_p, 1.0 / (1.0 - dropout_p),
+        n_rows, n_cols, 1.0 / n_cols, eps, threshold << 16, scale,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual,
-        HAS_DROPOUT=has_dropout, SAVE_STATS=save_stats, **cfg.meta(),
+        HAS_DROPOUT=has_dropout, SAVE_STATS=save_stats, EXACT_SUM=_exact_sum(x2d.dtype, n_cols),
+        maxnreg=_max_regs(cfg.num_warps), **cfg.meta(),
     )
     return y, s, mean, rstd
 
@@ -443,10 +527,15 @@ def _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t):
         return dx, dres, dweight, dbias
     cfg = _config(n_cols)
     n_sums = (weight is not None) + (bias is not None)
+    # 16-bit rows of 128 to 512 columns in pairs (the model's C = 384) fit 128 registers a thread:
+    # capped there, two 8-warp programs share an SM, so one's loads hide behind the other's math.
+    fits_128 = (cfg.rows % 2 == 0 and _SUB <= cfg.head and cfg.head + cfg.tail <= 512
+                and s2d.element_size() == 2)
     meta = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-                HAS_DS=ds2d is not None, **cfg.meta())
+                HAS_DS=ds2d is not None, maxnreg=128 if fits_128 else _max_regs(cfg.num_warps), **cfg.meta())
+    threshold, _, scale = dropout_threshold(dropout_p)
     args = [dy2d, ds2d, s2d, weight, mean, rstd, seed_t, dx, dres, mean if n_sums else None,
-            n_rows, n_cols, 1.0 / n_cols, dropout_p, 1.0 / (1.0 - dropout_p)]
+            n_rows, n_cols, 1.0 / n_cols, threshold << 16, scale]
     # The partials' stand-in while sizing the grid: mean, an fp32 tensor aligned as the buffer is.
     n_progs = _bwd_programs(triton.cdiv(n_rows, cfg.rows), tuple(args), meta, s2d.device)
     if n_sums:
@@ -570,9 +659,11 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0, seed=None):
     """(y, s) with s = residual + dropout(x) and y = layer_norm(s, weight, bias, eps).
 
-    Dropout keeps an element with probability 1 - dropout_p and scales it by 1 / (1 - dropout_p);
-    its bits depend only on seed (an int, a 1-element integer tensor, or None to draw one from
-    torch's generator) and the element's (row, col) in x viewed as (rows, C): see dropout_keep_mask.
+    Dropout drops an element with probability p_eff = round(dropout_p * 65536) / 65536 (dropout_p
+    quantized to 1/65536: kernels.dropout.dropout_threshold) and scales the kept ones by
+    1 / (1 - p_eff); its bits depend only on seed (an int below 2^63, a 1-element integer tensor, or
+    None to draw one from torch's generator) and the element's (row, col) in x viewed as (rows, C):
+    see dropout_keep_mask.
     """
     n_cols = _check(x, residual, weight, bias, eps)
     eps = float(eps)
@@ -590,16 +681,21 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
 def dropout_keep_mask(seed, n_rows, n_cols, dropout_p, device):
     """The bool (n_rows, n_cols) mask of elements add_layer_norm keeps for this seed and p.
 
-    Drawn by the kernels' own helper: (row, col) is kept when word col % 4 of Philox counter
-    row * ceil(n_cols / 4) + col // 4 (key seed), mapped to [0, 1) as tl.rand does, is >= p.
+    Drawn by the kernels' own helper (see the module docstring for the layout): exactly what
+    add_layer_norm's forward and backward apply to x viewed as (n_rows, n_cols).
     """
     dropout_p = check_dropout_p(dropout_p)
-    device = torch.device(device)
+    return _keep_mask(seed, 0, n_rows, n_cols, dropout_p, torch.device(device))
+
+
+def _keep_mask(seed, row0, n_rows, n_cols, dropout_p, device):
+    """dropout_keep_mask for rows row0 .. row0 + n_rows - 1 (the tests reach rows past 2^32)."""
     seed_t = seed_tensor(seed, device)  # (1,) int64
     keep = torch.empty(n_rows, n_cols, dtype=torch.int8, device=device)  # (rows, C)
     if n_rows * n_cols > 0:
         block_c, rows = _mask_config(n_cols)
         _dropout_mask_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block_c))](
-            seed_t, keep, n_rows, n_cols, dropout_p, BLOCK_C=block_c, ROWS=rows, num_warps=4,
+            seed_t, keep, row0, n_rows, n_cols, dropout_threshold(dropout_p).threshold << 16,
+            BLOCK_C=block_c, ROWS=rows, num_warps=4,
         )
     return keep != 0

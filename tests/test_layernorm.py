@@ -12,7 +12,9 @@ import torch.nn.functional as F
 import kernels
 from kernels import layernorm as ln
 from kernels import reference as ref
+from kernels.dropout import STREAM_LAYERNORM, dropout_threshold
 from tests.conftest import DTYPES, assert_matches_reference
+from tests.test_dropout import M32, _seed_words, _slices_np, philox_np
 
 SHAPES = [
     pytest.param((1, 3), id="1x3"),
@@ -208,8 +210,10 @@ def test_add_layer_norm_matches_reference(shape, dtype, dropout_p, grads, device
     ds = torch.randn(shape, device=device).to(dtype) if "s" in grads else None
     rows, C = x.numel() // shape[-1], shape[-1]
     keep = ln.dropout_keep_mask(1234, rows, C, dropout_p, device) if dropout_p > 0 else None  # (rows, C)
+    # The kernels drop with p quantized to 1/65536 and scale by 1 / (1 - that p): so does the reference.
+    p_eff = dropout_threshold(dropout_p).p
     _compare(lambda *a: kernels.add_layer_norm(*a, dropout_p=dropout_p, seed=1234),
-             lambda *a: ref.add_layer_norm(*a, dropout_p=dropout_p, keep_mask=keep),
+             lambda *a: ref.add_layer_norm(*a, dropout_p=p_eff, keep_mask=keep),
              [x, r, w, b], [dy, ds], ["y", "s"], ["dx", "dresidual", "dweight", "dbias"])
 
 
@@ -261,7 +265,7 @@ def test_many_rows_several_programs(op, device, monkeypatch):
         r, ds = torch.randn(shape, device=device), torch.randn(shape, device=device)
         keep = ln.dropout_keep_mask(7, *shape, 0.3, device)  # (rows, C)
         _compare(lambda *a: kernels.add_layer_norm(*a, dropout_p=0.3, seed=7),
-                 lambda *a: ref.add_layer_norm(*a, dropout_p=0.3, keep_mask=keep),
+                 lambda *a: ref.add_layer_norm(*a, dropout_p=dropout_threshold(0.3).p, keep_mask=keep),
                  [x, r, w, b], [dy, ds], ["y", "s"], ["dx", "dresidual", "dweight", "dbias"])
     _check_backward_grid(spy, shape)
 
@@ -297,12 +301,15 @@ def test_kept_fraction_is_one_minus_p(dropout_p, device):
     keep = ln.dropout_keep_mask(99, n_rows, n_cols, dropout_p, device)  # (rows, C)
     assert keep.dtype == torch.bool and keep.shape == (n_rows, n_cols)
     keep = keep.cpu()
-    _binomial_close(keep, 1 - dropout_p, "kept")
-    # Each of the four Philox words, and two words of one group together, look independent.
-    for word in range(4):
-        _binomial_close(keep[:, word::4], 1 - dropout_p, f"kept at col % 4 == {word}")
-    for w1, w2 in itertools.combinations(range(4), 2):
-        _binomial_close(keep[:, w1::4] & keep[:, w2::4], (1 - dropout_p) ** 2, f"kept at words {w1} and {w2}")
+    q = 1 - dropout_threshold(dropout_p).p
+    _binomial_close(keep, q, "kept")
+    # Each of the eight slices of a Philox call (row % 2, col % 4), and two slices of one call
+    # together, look independent.
+    slices = [keep[h::2, c::4] for h in range(2) for c in range(4)]
+    for i, sl in enumerate(slices):
+        _binomial_close(sl, q, f"kept at slice {i}")
+    for i, j in itertools.combinations(range(8), 2):
+        _binomial_close(slices[i] & slices[j], q * q, f"kept at slices {i} and {j}")
 
 
 def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
@@ -314,10 +321,11 @@ def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
     assert torch.equal(ln.dropout_keep_mask(5, 3, n_cols, p, device), want[:3])
     assert torch.equal(ln.dropout_keep_mask(torch.tensor(5), n_rows, n_cols, p, device), want)
     x, r = torch.ones(n_rows, n_cols, device=device), torch.zeros(n_rows, n_cols, device=device)
-    # Pieces of 32 + 1 columns (the default for C = 33) and 16 + 32 (the tail masked past C), with
-    # one, four or eight rows a program; the mask kernel's own column blocks of 8, 32 and 64.
-    for cfg, (block_c, rows) in [(ln._Config(32, 1, 1, 1), (8, 1)), (ln._Config(16, 32, 4, 2), (32, 4)),
-                                 (ln._Config(32, 1, 8, 4), (64, 16))]:
+    # Pieces of 32 + 32 columns (the default for C = 33) and 16 + 32, with one row a program (no
+    # pairs), or four or eight (pairs of rows in a thread; 37 rows end in half a pair); the mask
+    # kernel's own column blocks of 8, 32 and 64.
+    for cfg, (block_c, rows) in [(ln._Config(32, 32, 1, 1), (8, 1)), (ln._Config(16, 32, 4, 2), (32, 4)),
+                                 (ln._Config(32, 32, 8, 4), (64, 16))]:
         monkeypatch.setattr(ln, "_config", lambda c, cfg=cfg: cfg)
         monkeypatch.setattr(ln, "_mask_config", lambda c, bc=block_c, rs=rows: (bc, rs))
         tiling = f"{cfg}, mask BLOCK_C={block_c}, ROWS={rows}"
@@ -328,38 +336,48 @@ def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
         assert torch.equal(s, 2 * want.float()) and torch.equal(dx, 2 * want.float()), tiling
 
 
-def _philox_uniforms(seed: int, counter: np.ndarray) -> np.ndarray:
-    """tl.rand4x(seed, counter) written out, shape (4, *counter.shape): Philox4x32-10 on counter
-    (counter lo, counter hi, 0, 0) and key (seed lo, seed hi); each of the four output words folded
-    to a non-negative int32, times 2^-31 in fp32."""
-    u32 = lambda v: np.asarray(v, dtype=np.uint64) & np.uint64(0xFFFFFFFF)  # noqa: E731
-    c0, c1 = u32(counter), u32(counter.astype(np.uint64) >> np.uint64(32))
-    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
-    k0, k1 = u32(seed), u32(seed >> 32)
-    A, B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    for _ in range(10):
-        c0, c1, c2, c3 = (u32((B * c2) >> np.uint64(32)) ^ c1 ^ k0, u32(B * c2),
-                          u32((A * c0) >> np.uint64(32)) ^ c3 ^ k1, u32(A * c0))
-        k0, k1 = u32(k0 + np.uint64(0x9E3779B9)), u32(k1 + np.uint64(0xBB67AE85))
-    x = np.stack([c0, c1, c2, c3]).astype(np.uint32).view(np.int32)
-    x = np.where(x < 0, ~x, x)
-    return x.astype(np.float32) * np.float32(4.6566127342e-10)
+def _ln_keep_np(seed: int, rows: np.ndarray, cols: np.ndarray, p: float) -> np.ndarray:
+    """The layer-norm layout of kernels/layernorm.py's docstring in NumPy: (r, c) takes slice
+    4 (r % 2) + c % 4 of Philox4x32-7 counter (r // 2 low, c // 4, STREAM_LAYERNORM, r // 2 high)."""
+    rows, cols = np.broadcast_arrays(np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64))
+    pairs = rows // 2
+    words = philox_np(*_seed_words(seed), pairs & M32, cols // 4, np.full_like(cols, STREAM_LAYERNORM.value),
+                      pairs >> 32)
+    slices = _slices_np(words)  # (8, ...): slice 2 w + h is half h of word w
+    u = np.take_along_axis(slices, (4 * (rows % 2) + cols % 4)[None], axis=0)[0]
+    return u >= dropout_threshold(p).threshold
 
 
 @pytest.mark.parametrize("n_rows, n_cols", [(37, 129), (7, 33), (5, 64), (9, 3), (6, 1)],
                          ids=["37x129", "7x33", "5x64", "9x3", "6x1"])
-@pytest.mark.parametrize("seed", [0, 2**40 + 12345])  # the seed's high half matters too
+@pytest.mark.parametrize("seed", [0, 2**40 + 12345, 2**63 - 1])  # the seed's high half matters too
 def test_dropout_bits_are_philox_of_seed_row_and_col(seed, n_rows, n_cols, device):
-    """Bit-exact against an independent Philox: (row, col) is kept when word col % 4 of counter
-    row * ceil(C / 4) + col // 4 is >= p."""
+    """Bit-exact against an independent NumPy Philox (tests/test_dropout.py's, itself checked
+    against Random123's known answers), rows past 2^32 included."""
     p = 0.3
     keep = ln.dropout_keep_mask(seed, n_rows, n_cols, p, device)  # (rows, C)
-    row = np.arange(n_rows, dtype=np.int64)[:, None]  # (rows, 1)
-    col = np.arange(n_cols, dtype=np.int64)[None, :]  # (1, C)
-    counter = row * ((n_cols + 3) // 4) + col // 4  # (rows, C)
-    words = _philox_uniforms(seed, counter)  # (4, rows, C)
-    expected = np.choose(np.broadcast_to(col % 4, counter.shape), words) >= np.float32(p)  # (rows, C)
+    expected = _ln_keep_np(seed, np.arange(n_rows)[:, None], np.arange(n_cols)[None, :], p)  # (rows, C)
     assert np.array_equal(keep.cpu().numpy(), expected)
+    # Rows from 2^33 on: the pair index's high word is a counter word too.
+    far = ln._keep_mask(seed, 2**33 + 1, n_rows, n_cols, p, device)  # (rows, C)
+    rows = 2**33 + 1 + np.arange(n_rows)[:, None]  # (rows, 1)
+    assert np.array_equal(far.cpu().numpy(), _ln_keep_np(seed, rows, np.arange(n_cols)[None, :], p))
+
+
+@pytest.mark.parametrize("n_cols", [1, 33, 384, 1000, 4097])
+@pytest.mark.parametrize("n_rows", [1, 6, 37])
+def test_kernels_apply_dropout_keep_mask(n_rows, n_cols, device):
+    """dropout_keep_mask is exactly what forward and backward apply, for widths that are and are
+    not multiples of the pieces (128 columns) and of a call's 4 columns, odd row counts included."""
+    p = 0.5  # a threshold of 2^15: p is exact and the scale 2
+    want = ln.dropout_keep_mask(21, n_rows, n_cols, p, device)  # (rows, C)
+    assert 0 < want.sum() < want.numel() or want.numel() < 8
+    x, r = torch.ones(n_rows, n_cols, device=device), torch.zeros(n_rows, n_cols, device=device)
+    # s = r + x * keep * 2, and with the loss sum(s), dx = 2 keep, dresidual = 1.
+    (_, s), (dx, dres, _, _) = _run(lambda *a: kernels.add_layer_norm(*a, dropout_p=p, seed=21),
+                                    [x, r, None, None], [None, torch.ones_like(x)])
+    assert torch.equal(s, 2 * want.float()) and torch.equal(dx, 2 * want.float())
+    assert torch.equal(dres, torch.ones_like(dres))
 
 
 def test_same_seed_same_bits_other_seed_different(device):
@@ -373,6 +391,13 @@ def test_same_seed_same_bits_other_seed_different(device):
     assert not torch.equal(outs1[1], outs3[1])
     keep11 = ln.dropout_keep_mask(11, 16, 64, 0.5, device)
     torch.testing.assert_close(outs1[1], r + x * keep11 / 0.5)
+
+
+def test_every_seed_bit_matters(device):
+    """64-bit keys: seeds that differ in one bit only, low or high word, give different masks."""
+    base = ln.dropout_keep_mask(12345, 16, 64, 0.5, device)  # (rows, C)
+    for bit in (0, 31, 32, 62):
+        assert not torch.equal(ln.dropout_keep_mask(12345 ^ (1 << bit), 16, 64, 0.5, device), base), bit
 
 
 def test_seed_none_repeatable_under_manual_seed(device):
