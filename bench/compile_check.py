@@ -36,8 +36,8 @@ Spills are reported (the summary counts them) but are not failures.
 The static cost report (--cost), a measure of the kernels that runs without a GPU and is deterministic
 (same Triton, same kernels, same numbers). It compiles the model's training calls at the model's
 shapes (attention bf16 (B, T, H, D) = (64, 256, 6, 64), causal: the forward with dropout 0.2 and lse,
-with lse at dropout 0, and without lse (eval); the backward (preprocess, dK/dV, dQ) at dropout 0.2
-and 0. LayerNorm over (16384, 384) bf16 with fp32 weight and bias, as under autocast: layer_norm
+with lse at dropout 0, and without lse (eval); the backward (dQ, whose kernel also computes delta,
+then dK/dV) at dropout 0.2 and 0. LayerNorm over (16384, 384) bf16 with fp32 weight and bias, as under autocast: layer_norm
 and add_layer_norm forward (stats saved; the latter with and without dropout) and the backward with
 the flags the model uses, and the kernel that sums the dweight/dbias partials)
 and reads each variant's SASS (cuobjdump -sass, from Triton's package):
@@ -387,7 +387,7 @@ H100_SMS = 132  # SMs of an H100 SXM (and an H200): what the launchers size thei
 def capture_cost(rec: Recorder, group: str, quick: bool):
     """The launches of one training step's calls, at the model's shapes (bf16 activations, fp32
     LayerNorm weight and bias as under autocast). Each call's launches are tagged with a call name,
-    so the report can sum a call (the backward is preprocess + dK/dV + dQ). quick: only the calls
+    so the report can sum a call (the backward is dQ + dK/dV). quick: only the calls
     with dropout, one variant of each kernel (the test's subset)."""
     import torch
     from kernels._common import seed_tensor
@@ -697,7 +697,6 @@ def _no_loop(a, pid):
 
 TRIP_MODELS = {
     "_attn_fwd_kernel": _trips_attn_fwd,
-    "_attn_bwd_preprocess_kernel": _no_loop,
     "_attn_bwd_dkdv_kernel": _trips_attn_dkdv,
     "_attn_bwd_dq_kernel": _trips_attn_dq,
     "_dropout_mask_kernel": _no_loop,  # both ops' (attention's and layer norm's)

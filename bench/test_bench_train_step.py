@@ -11,15 +11,14 @@ Timed as a real loop: STEPS steps, one device synchronize at the end, after a wa
 compiles everything. Figures in extra_info: ms per step, tokens per second, MFU.
 """
 
-from argparse import Namespace
-
 import pytest
 import torch
 
-import train
 from bench.conftest import gpu_info, requires_cuda
 from model import GPT, GPTConfig
 from model.data import get_batch
+from training.metrics import flops_per_token, mfu_peak
+from training.runner import Batches, Precision, StepRunner
 
 B, T = 64, 256
 STEPS = 50
@@ -71,13 +70,9 @@ class _FastLoop:
     def __init__(self, device, backend, graphs=False, compile_mode=None):
         self.model = GPT(GPTConfig(backend=backend)).to(device)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-4, fused=True, capturable=graphs)
-        run_model = torch.compile(self.model, mode=compile_mode) if compile_mode else self.model
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphs)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
         _, data = _data(device)
-        args = Namespace(grad_accum=1, batch_size=B, block_size=T, eval_iters=1, seed=0)
-        self.steps = train.TrainSteps(run_model, self.model, optimizer, scaler, autocast, data, data, B, args,
-                                      device, 0, 1, 0, graphs)
+        self.steps = StepRunner(self.model, optimizer, Batches(data, data, batch_size=B, block_size=T, eval_iters=1),
+                                Precision(torch.bfloat16), graphs=graphs, compile_mode=compile_mode)
         self.data = data
         self.gen = torch.Generator(device=device).manual_seed(0)
 
@@ -131,8 +126,8 @@ def test_train_step(benchmark, loop, mode):
     benchmark.pedantic(lambda: per_call.append(_timed_loop(fn, n)), rounds=3, iterations=1)
     ms = sorted(per_call)[len(per_call) // 2]
     model = runner.model
-    flops = train.flops_per_token(model, model.config) * B * T * (1 if mode == "train-step" else 1 / 3)
-    peak = train.mfu_peak(device)
+    flops = flops_per_token(model, model.config) * B * T * (1 if mode == "train-step" else 1 / 3)
+    peak = mfu_peak(device)
     benchmark.extra_info.update(gpu_info(torch.bfloat16 if loop != "seed" else torch.float32))
     benchmark.extra_info.update(
         loop=loop, mode=mode, ms_per_step=round(ms, 4), tokens_per_s=round(B * T / ms * 1000),

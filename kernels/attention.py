@@ -2,34 +2,39 @@
 
 Math, for one (batch b, head h); rows i are queries, columns j keys, s = softmax_scale:
   S = s Q K^T (causal: S_ij = -inf for j > i),  P = softmax(S),  O = (P o Z / (1 - p)) V,
-where Z is the dropout keep mask, Z_ij = (rand(seed, b, h, i, j) >= p).
+where Z is the dropout keep mask (kernels.dropout: Z_ij = 1 when the 16-bit slice of Philox that
+belongs to (seed, b, h, i, j) is >= round(p 2^16)), and p is the effective p, a multiple of 2^-16.
 
-Forward (online softmax). Work in base 2: S2 = S log2(e), so exp is exp2 and log2(e) folds into the
-scale. Walk the key blocks keeping, per row, the running max m, the running sum l = sum_j 2^(S2_ij - m)
-and acc = sum_j 2^(S2_ij - m) Z_ij V_j. A block with a larger max m' rescales l and acc by 2^(m - m').
-At the end O = acc / l / (1 - p) (the sum l is taken before dropout, as nn.Dropout after softmax does),
-and lse = m + log2(l) (fp32, base 2) is kept so backward recomputes P_ij = 2^(S2_ij - lse_i).
+Forward (online softmax). Work in base 2 with c = s log2(e) > 0 (the launcher makes it so): walk the
+key blocks keeping, per row, the running max m of c (Q K^T)_ij, the running sum
+l = sum_j 2^(c (Q K^T)_ij - m) and acc = sum_j 2^(c (Q K^T)_ij - m) Z_ij V_j. The max of c x is c
+times the max of x, so the scale is one fused multiply-add per element, inside the exp2 argument. A
+block with a larger max m' rescales l and acc by 2^(m - m'). At the end O = acc / l / (1 - p) (the
+sum l is taken before dropout, as nn.Dropout after softmax does), and lse = m + log2(l) (fp32, base 2)
+is kept so backward recomputes P_ij = 2^(c (Q K^T)_ij - lse_i).
 
 Backward. With Pd = P o Z / (1 - p), the dropped weights, O = Pd V gives
   dV = Pd^T dO,  dP = (dO V^T) o Z / (1 - p),  dS = P o (dP - delta),  dQ = s dS K,  dK = s dS^T Q,
   delta_i = sum_j P_ij dP_ij = sum_j Pd_ij (dO V^T)_ij = rowsum(dO o O)_i   (dropout included).
-A preprocess kernel computes delta; one kernel owns a key block and walks the query blocks (dK, dV),
-another owns a query block and walks the key blocks (dQ). Every gradient element is written by one
-program in a fixed order: bitwise repeatable, no atomics. No (T, T) matrix is ever stored.
+The 1 / (1 - p) is taken out of the loops: with delta' = (1 - p) delta, dS = P o ((dO V^T) o Z -
+delta') / (1 - p), so the loops apply only Z, and dV, dK, dQ are scaled once at the end. One kernel
+owns a query block and walks the key blocks (dQ); it runs first and also computes its rows' delta'
+(it loads dO anyway) for the other, which owns a key block and walks the query blocks (dK, dV: one
+warpgroup, S and dP computed once). Every gradient element is written by one program in a fixed
+order: bitwise repeatable, no atomics. No (T, T) matrix is ever stored.
 
 Causal blocks: key blocks the mask empties are skipped; the mask is applied only on blocks that
 straddle the diagonal (or the ragged end), the `MASKED` stage of each loop.
 
-Dropout bits. Philox (tl.randint4x, the generator behind tl.rand) returns four 32-bit words per
-counter. Element (b, h, i, j) takes word j % 4 of counter ((b H + h) Tq + i) ceil(Tk / 4) + j // 4,
-mapped to [0, 1) as tl.rand does, and is kept when that is >= p. One Philox call thus serves four
-keys, and the bits depend on (seed, b, h, i, j) only, never on block shapes, grid or launch order.
-The counter is an int64 (Philox takes its low and high halves as two of its 32-bit counters), so it
-never wraps: 16*6*4096*4096 / 4 = 2^28.6 counters would still fit an int32, 8x more would not.
+Dropout bits: kernels.dropout.attention_keep, whose docstring gives the layout. One Philox4x32-7 call
+serves the 8 elements (i + {0, 8}) x (j + {0, 1, 8, 9}) that one thread holds in a tensor-core
+accumulator, so the mask is drawn in the accumulator's own layout (no trip through shared memory),
+and it depends on (seed, b, h, i, j) only, never on block shapes, grid or launch order.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -39,24 +44,11 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._common import check_dropout_p, check_float_tensor, seed_tensor
+from kernels.dropout import attention_keep, dropout_threshold
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
-
-
-@triton.jit
-def _dropout_keep(seed, rows, start_n, n_groups, dropout_p, BLOCK_N: tl.constexpr):
-    """Bool keep mask (len(rows), BLOCK_N) for keys start_n .. start_n + BLOCK_N - 1.
-
-    rows: int64 (b * H + h) * Tq + i per query row; n_groups = ceil(Tk / 4); start_n % 4 == 0.
-    """
-    tl.static_assert(BLOCK_N % 4 == 0, "key blocks hold whole groups of four keys")
-    offs_g = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    counter = rows[:, None] * n_groups + offs_g[None, :]  # (M, BLOCK_N / 4) int64
-    r0, r1, r2, r3 = tl.rand4x(seed, counter)
-    # [r0, r2] and [r1, r3] interleaved, then interleaved again: column 4 g + w holds word w of group g.
-    u = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # (M, BLOCK_N)
-    return u >= dropout_p
+_TINY_SCALE = 2.0**-126  # softmax_scale 0 runs as this: every c (Q K^T)_ij still rounds to 0 in fp32
 
 
 @triton.jit
@@ -81,19 +73,25 @@ def _key_split(start_m, T_K, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
-def _mask_scores(qk, offs_m, offs_n, T_K, IS_CAUSAL: tl.constexpr):
-    """-inf where key offs_n is past Tk or, causal, after query offs_m."""
-    visible = (offs_n < T_K)[None, :]
+def _visible(offs_m, start_n, T_K, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(M, N) bool: key start_n + n exists (< Tk) and, causal, is not after query offs_m.
+
+    One compare an element: against a per-row limit, with the block's own key offsets n (constants);
+    the keys' absolute offsets would be compared in 64 bits once LLVM widens the loop counter.
+    """
     if IS_CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None])
-    return tl.where(visible, qk, float("-inf"))
+        limit = tl.minimum(offs_m, T_K - 1) - start_n  # (M,): the last visible key, block-relative
+        visible = tl.arange(0, BLOCK_N)[None, :] <= limit[:, None]
+    else:
+        visible = (tl.arange(0, BLOCK_N) < T_K - start_n)[None, :]
+    return visible
 
 
 @triton.jit
-def _attn_fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_t, stride_v_t, offs_m, offs_d, mask_d,
-                   lo, hi, T_K, qk_scale, seed, rows, n_groups, dropout_p,
+def _attn_fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_t, stride_v_t, start_m, offs_m, offs_d, mask_d,
+                   lo, hi, T_K, qk_scale, seed, off_bh, threshold, zero,
                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold key blocks lo, lo + BLOCK_N, .. < hi into the online softmax of one query block."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -101,15 +99,18 @@ def _attn_fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_t, stride_v_t, offs_
         if MASKED:
             mask_kv = (offs_n < T_K)[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + offs_n[:, None] * stride_k_t + offs_d[None, :], mask=mask_kv, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N), base 2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (M, N), unscaled
         if MASKED:
-            qk = _mask_scores(qk, offs_m, offs_n, T_K, IS_CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: key 0 is in the first block every row sees
+            qk = tl.where(_visible(offs_m, start_n, T_K, IS_CAUSAL, BLOCK_N), qk, float("-inf"))
+        # Finite: key 0 is in the first block every row sees. qk_scale > 0 keeps -inf at -inf.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        p = tl.exp2(qk * qk_scale - m_new[:, None])  # one FFMA and one MUFU an element
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(seed, rows, start_n, n_groups, dropout_p, BLOCK_N), p, 0.0)
+            # A runtime 0.0, not a literal: with a constant LLVM moves the select past the bf16
+            # rounding below and ptxas then selects 16-bit halves (byte shuffles, PRMT).
+            p = tl.where(attention_keep(seed, off_bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N), p, zero)
         v = tl.load(v_ptr + offs_n[:, None] * stride_v_t + offs_d[None, :], mask=mask_kv, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -120,7 +121,7 @@ def _attn_fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_t, stride_v_t, offs_
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
                      stride_q_b, stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h,
                      stride_v_b, stride_v_t, stride_v_h, stride_o_b, stride_o_t, stride_o_h,
-                     H, T_Q, T_K, qk_scale, dropout_p, keep_scale,
+                     H, T_Q, T_K, qk_scale, threshold, keep_scale,
                      IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -140,21 +141,20 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    rows = off_bh * T_Q + offs_m  # (M,) int64, the dropout counter's row part
-    n_groups = (T_K + 3) // 4
+    zero = keep_scale * 0.0  # see _attn_fwd_loop
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     mid, hi = _key_split(start_m, T_K, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_t, stride_v_t, offs_m,
-                                   offs_d, mask_d, 0, mid, T_K, qk_scale, seed, rows, n_groups,
-                                   dropout_p, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_t, stride_v_t, offs_m,
-                                   offs_d, mask_d, mid, hi, T_K, qk_scale, seed, rows, n_groups,
-                                   dropout_p, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_t, stride_v_t, start_m, offs_m,
+                                   offs_d, mask_d, 0, mid, T_K, qk_scale, seed, off_bh, threshold, zero,
+                                   False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_t, stride_v_t, start_m, offs_m,
+                                   offs_d, mask_d, mid, hi, T_K, qk_scale, seed, off_bh, threshold, zero,
+                                   True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION)
     if STORE_LSE:
-        tl.store(lse_ptr + rows, m_i + tl.log2(l_i), mask=mask_m)
+        tl.store(lse_ptr + off_bh * T_Q + offs_m, m_i + tl.log2(l_i), mask=mask_m)
     o = acc * (keep_scale / l_i)[:, None]
     o_ptr += off_b * stride_o_b + off_h * stride_o_h
     tl.store(o_ptr + offs_m[:, None] * stride_o_t + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
@@ -162,50 +162,31 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr,
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, stride_o_b, stride_o_t, stride_o_h,
-                                stride_do_b, stride_do_t, stride_do_h, H, T_Q,
-                                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta = rowsum(dO o O) in fp32, (B, H, Tq). Grid (cdiv(Tq, BLOCK_M), B * H)."""
-    off_bh = tl.program_id(1).to(tl.int64)
-    off_b, off_h = off_bh // H, off_bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < T_Q)[:, None] & _head_dim_mask(HEAD_DIM, BLOCK_D)[None, :]
-    o = tl.load(o_ptr + off_b * stride_o_b + off_h * stride_o_h + offs_m[:, None] * stride_o_t
-                + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_ptr + off_b * stride_do_b + off_h * stride_do_h + offs_m[:, None] * stride_do_t
-                 + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + off_bh * T_Q + offs_m, delta, mask=offs_m < T_Q)
-
-
-@triton.jit
 def _attn_bwd_dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_q_t, stride_do_t,
-                        start_n, offs_n, offs_d, mask_d, lo, hi, off_bh, T_Q, qk_scale, seed, n_groups,
-                        dropout_p, keep_scale, MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                        start_n, offs_n, offs_d, mask_d, lo, hi, off_bh, T_Q, qk_scale, seed, threshold,
+                        zero, MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add query blocks lo, lo + BLOCK_M, .. < hi into dK, dV of one key block (unscaled dK)."""
+    """Add query blocks lo, lo + BLOCK_M, .. < hi into dK, dV of one key block (both unscaled)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < T_Q  # rows past Tq load as zeros and add nothing
+        mask_m = offs_m < T_Q  # rows past Tq load as zeros (q = 0, dO = 0) and add nothing
         q = tl.load(q_ptr + offs_m[:, None] * stride_q_t + offs_d[None, :],
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         do = tl.load(do_ptr + offs_m[:, None] * stride_do_t + offs_d[None, :],
                      mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        rows = off_bh * T_Q + offs_m
-        lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
-        delta = tl.load(delta_ptr + rows, mask=mask_m, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N), base 2
-        if MASKED:
-            qk = tl.where(offs_n[None, :] <= offs_m[:, None], qk, float("-inf"))
-        p = tl.exp2(qk - lse[:, None])
+        lse = tl.load(lse_ptr + off_bh * T_Q + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + off_bh * T_Q + offs_m, mask=mask_m, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (M, N), unscaled
+        p = tl.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:  # causal only; block-relative key offsets, see _visible
+            p = tl.where(tl.arange(0, BLOCK_N)[None, :] <= (offs_m - start_n)[:, None], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (M, N), dO V^T
-        pd = p
+        pz = p
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rows, start_n, n_groups, dropout_p, BLOCK_N)
-            pd = tl.where(keep, p * keep_scale, 0.0)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+            keep = attention_keep(seed, off_bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N)
+            pz = tl.where(keep, p, zero)  # a runtime zero: see _attn_fwd_loop
+            dp = tl.where(keep, dp, 0.0)
+        dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -216,7 +197,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           stride_q_b, stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h,
                           stride_v_b, stride_v_t, stride_v_h, stride_do_b, stride_do_t, stride_do_h,
                           stride_dk_b, stride_dk_t, stride_dk_h, stride_dv_b, stride_dv_t, stride_dv_h,
-                          H, T_Q, T_K, qk_scale, sm_scale, dropout_p, keep_scale,
+                          H, T_Q, T_K, qk_scale, dk_scale, threshold, keep_scale,
                           IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
@@ -237,7 +218,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    n_groups = (T_K + 3) // 4
+    zero = keep_scale * 0.0
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -247,23 +228,22 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
         dk, dv = _attn_bwd_dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_q_t,
                                      stride_do_t, start_n, offs_n, offs_d, mask_d,
                                      (start_n // BLOCK_M) * BLOCK_M, mid, off_bh, T_Q, qk_scale, seed,
-                                     n_groups, dropout_p, keep_scale, True, HAS_DROPOUT, BLOCK_M,
-                                     BLOCK_N, DOT_PRECISION)
+                                     threshold, zero, True, HAS_DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION)
     dk, dv = _attn_bwd_dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_q_t,
                                  stride_do_t, start_n, offs_n, offs_d, mask_d, mid, T_Q, off_bh, T_Q,
-                                 qk_scale, seed, n_groups, dropout_p, keep_scale, False, HAS_DROPOUT,
-                                 BLOCK_M, BLOCK_N, DOT_PRECISION)
+                                 qk_scale, seed, threshold, zero, False, HAS_DROPOUT, BLOCK_M, BLOCK_N,
+                                 DOT_PRECISION)
     tl.store(dk_ptr + off_b * stride_dk_b + off_h * stride_dk_h + offs_n[:, None] * stride_dk_t
-             + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=mask_nd)
+             + offs_d[None, :], (dk * dk_scale).to(dk_ptr.dtype.element_ty), mask=mask_nd)
     tl.store(dv_ptr + off_b * stride_dv_b + off_h * stride_dv_h + offs_n[:, None] * stride_dv_t
-             + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask_nd)
+             + offs_d[None, :], (dv * keep_scale).to(dv_ptr.dtype.element_ty), mask=mask_nd)
 
 
 @triton.jit
-def _attn_bwd_dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_t, stride_v_t, offs_m, offs_d,
-                      mask_d, lo, hi, T_K, qk_scale, seed, rows, n_groups, dropout_p, keep_scale,
+def _attn_bwd_dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_t, stride_v_t, start_m, offs_m, offs_d,
+                      mask_d, lo, hi, T_K, qk_scale, seed, off_bh, threshold,
                       MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add key blocks lo, lo + BLOCK_N, .. < hi into dQ of one query block (unscaled)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -272,29 +252,29 @@ def _attn_bwd_dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_t, stride_v_
             mask_kv = (offs_n < T_K)[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + offs_n[:, None] * stride_k_t + offs_d[None, :], mask=mask_kv, other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * stride_v_t + offs_d[None, :], mask=mask_kv, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N), base 2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (M, N), unscaled
+        p = tl.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
-            qk = _mask_scores(qk, offs_m, offs_n, T_K, IS_CAUSAL)
-        p = tl.exp2(qk - lse[:, None])
+            p = tl.where(_visible(offs_m, start_n, T_K, IS_CAUSAL, BLOCK_N), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (M, N), dO V^T
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rows, start_n, n_groups, dropout_p, BLOCK_N)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
+            dp = tl.where(attention_keep(seed, off_bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N), dp, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
                         stride_q_b, stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h,
-                        stride_v_b, stride_v_t, stride_v_h, stride_do_b, stride_do_t, stride_do_h,
-                        stride_dq_b, stride_dq_t, stride_dq_h,
-                        H, T_Q, T_K, qk_scale, sm_scale, dropout_p, keep_scale,
+                        stride_v_b, stride_v_t, stride_v_h, stride_o_b, stride_o_t, stride_o_h,
+                        stride_do_b, stride_do_t, stride_do_h, stride_dq_b, stride_dq_t, stride_dq_h,
+                        H, T_Q, T_K, qk_scale, dq_scale, threshold, delta_scale,
                         IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    """One program: dQ of BLOCK_M queries of one (batch, head). Grid (cdiv(Tq, BLOCK_M), B * H)."""
+    """One program: dQ of BLOCK_M queries of one (batch, head), and their delta' for the dK/dV
+    kernel, which runs after it. Grid (cdiv(Tq, BLOCK_M), B * H)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = off_bh // H, off_bh % H
@@ -307,39 +287,39 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                 + offs_d[None, :], mask=mask_md, other=0.0)
     do = tl.load(do_ptr + off_b * stride_do_b + off_h * stride_do_h + offs_m[:, None] * stride_do_t
                  + offs_d[None, :], mask=mask_md, other=0.0)
-    rows = off_bh * T_Q + offs_m
-    lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
-    delta = tl.load(delta_ptr + rows, mask=mask_m, other=0.0)
+    o = tl.load(o_ptr + off_b * stride_o_b + off_h * stride_o_h + offs_m[:, None] * stride_o_t
+                + offs_d[None, :], mask=mask_md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale  # (M,): (1 - p) rowsum(dO o O)
+    tl.store(delta_ptr + off_bh * T_Q + offs_m, delta, mask=mask_m)
+    lse = tl.load(lse_ptr + off_bh * T_Q + offs_m, mask=mask_m, other=0.0)
     k_ptr += off_b * stride_k_b + off_h * stride_k_h
     v_ptr += off_b * stride_v_b + off_h * stride_v_h
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    n_groups = (T_K + 3) // 4
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     mid, hi = _key_split(start_m, T_K, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _attn_bwd_dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_t, stride_v_t, offs_m,
-                           offs_d, mask_d, 0, mid, T_K, qk_scale, seed, rows, n_groups, dropout_p,
-                           keep_scale, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
-    dq = _attn_bwd_dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_t, stride_v_t, offs_m,
-                           offs_d, mask_d, mid, hi, T_K, qk_scale, seed, rows, n_groups, dropout_p,
-                           keep_scale, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
+    dq = _attn_bwd_dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_t, stride_v_t, start_m, offs_m,
+                           offs_d, mask_d, 0, mid, T_K, qk_scale, seed, off_bh, threshold,
+                           False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    dq = _attn_bwd_dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_t, stride_v_t, start_m, offs_m,
+                           offs_d, mask_d, mid, hi, T_K, qk_scale, seed, off_bh, threshold,
+                           True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION)
     tl.store(dq_ptr + off_b * stride_dq_b + off_h * stride_dq_h + offs_m[:, None] * stride_dq_t
-             + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask_md)
+             + offs_d[None, :], (dq * dq_scale).to(dq_ptr.dtype.element_ty), mask=mask_md)
 
 
 @triton.jit
-def _dropout_mask_kernel(mask_ptr, seed_ptr, T_Q, T_K, dropout_p,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(mask_ptr, seed_ptr, T_Q, T_K, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keep mask as int8 (B * H, Tq, Tk). Grid (B * H, cdiv(Tq, BLOCK_M), cdiv(Tk, BLOCK_N))."""
     off_bh = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = tl.program_id(1) * BLOCK_M
     start_n = tl.program_id(2) * BLOCK_N
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    rows = off_bh * T_Q + offs_m
-    keep = _dropout_keep(tl.load(seed_ptr), rows, start_n, (T_K + 3) // 4, dropout_p, BLOCK_N)
-    tl.store(mask_ptr + rows[:, None] * T_K + offs_n[None, :], keep.to(tl.int8),
+    keep = attention_keep(tl.load(seed_ptr), off_bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N)
+    tl.store(mask_ptr + (off_bh * T_Q + offs_m)[:, None] * T_K + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m < T_Q)[:, None] & (offs_n < T_K)[None, :])
 
 
@@ -351,18 +331,23 @@ class _Config(NamedTuple):
     num_stages: int
 
 
-# Keyed by the padded head dim. Picked for an H100 at the model shape (B, T, H, D) = (64, 256, 6, 64)
-# bf16 from Triton tutorial 06's Hopper choices, with BLOCK_M >= 64 so every tl.dot can use wgmma,
-# and 8 warps where 4 made ptxas spill registers with dropout on (bench/compile_check.py, sm_90,
-# Triton 3.6); not yet timed on a card. Every block size is a multiple of 4 (whole dropout groups),
-# and the tests check that each entry here gives the same dropout mask.
-_FWD_CONFIGS = {16: _Config(128, 64, 4, 3), 32: _Config(128, 64, 8, 3), 64: _Config(128, 64, 8, 3),
-                128: _Config(128, 64, 8, 3)}
-_DKDV_CONFIGS = {16: _Config(64, 64, 4, 2), 32: _Config(64, 64, 4, 2), 64: _Config(64, 64, 8, 2),
-                 128: _Config(64, 64, 8, 2)}
-_DQ_CONFIGS = {16: _Config(64, 64, 4, 2), 32: _Config(64, 64, 4, 2), 64: _Config(64, 64, 4, 2),
-               128: _Config(64, 64, 8, 2)}
-_PREPROCESS_BLOCK_M = 64
+# The defaults, keyed by the padded head dim: for an unknown GPU, for the interpreter, and wherever
+# kernels/attention_configs.py (written by bench/tune.py from measurements) has no entry. Chosen from
+# the static cost report (bench/compile_check.py --cost, sm_90, Triton 3.6): BLOCK_M, BLOCK_N >= 64
+# so every tl.dot can use wgmma; dK/dV on one warpgroup (4 warps: 8 warps on 64 rows compute S and
+# dP twice), and without software pipelining at D = 64, where 2 stages spill 40 bytes with dropout.
+# D = 128's dK/dV is the exception: its dK and dV (64 x 128 fp32 each) need 128 registers a thread
+# on 4 warps, so 8 warps split them by D and both warpgroups compute S and dP. Every block size is a
+# multiple of 16 (the dropout bits come in 16 x 16 tiles), and the tests check that every
+# configuration gives the same dropout mask.
+_DEFAULT_CONFIGS = {
+    "fwd": {16: _Config(128, 64, 4, 3), 32: _Config(128, 64, 8, 3), 64: _Config(128, 64, 8, 3),
+            128: _Config(128, 64, 8, 3)},
+    "dkdv": {16: _Config(64, 64, 4, 2), 32: _Config(64, 64, 4, 2), 64: _Config(64, 64, 4, 1),
+             128: _Config(64, 64, 8, 2)},
+    "dq": {16: _Config(64, 64, 4, 2), 32: _Config(64, 64, 4, 2), 64: _Config(64, 64, 4, 2),
+           128: _Config(128, 64, 8, 2)},
+}
 
 
 def _block_d(head_dim: int) -> int:
@@ -370,13 +355,39 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _table_config(table, dtype: torch.dtype, block_d: int) -> _Config:
-    """The table's entry; fp32 takes the exact FMA path (checks, not training), with smaller tiles
-    and no pipelining so that it stays within shared memory up to D = 128."""
-    cfg = table[block_d]
-    if dtype == torch.float32:
-        cfg = cfg._replace(block_m=min(cfg.block_m, 64), num_stages=1)
-    return cfg
+@functools.lru_cache(maxsize=None)
+def _arch(device: torch.device) -> str:
+    """'sm90' for an H100; 'cpu' off the GPU (the interpreter), where only the defaults apply."""
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def configs_for(device, dtype: torch.dtype, head_dim: int, causal: bool, dropout: bool) -> dict:
+    """{'fwd', 'dkdv', 'dq'} -> _Config: the measured table's entry for this GPU, else the defaults.
+
+    fp32 takes the exact FMA path (checks, not training), with BLOCK_M <= 64 and no pipelining so
+    that it stays within shared memory up to D = 128.
+    """
+    from kernels.attention_configs import TABLE
+
+    block_d = _block_d(head_dim)
+    key = config_key(_arch(torch.device(device)), dtype, block_d, causal, dropout)
+    measured = TABLE.get(key, {})
+    cfgs = {}
+    for kernel, defaults in _DEFAULT_CONFIGS.items():
+        cfg = _Config(*measured[kernel]) if kernel in measured else defaults[block_d]
+        if dtype == torch.float32:
+            cfg = cfg._replace(block_m=min(cfg.block_m, 64), num_stages=1)
+        cfgs[kernel] = cfg
+    return cfgs
+
+
+def config_key(arch: str, dtype: torch.dtype, block_d: int, causal: bool, dropout: bool) -> str:
+    """The table's key, e.g. 'sm90 bf16 D64 causal dropout'."""
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    return f"{arch} {name} D{block_d}{' causal' if causal else ''}{' dropout' if dropout else ''}"
 
 
 def _dot_precision(dtype: torch.dtype):
@@ -384,24 +395,34 @@ def _dot_precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
+def _positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
+    """(q', c) with c = s' log2(e) > 0 and s' q' = s q, as the kernels need: a negative scale runs as
+    -q with -s, and 0 as the smallest normal float (every logit still rounds to 0 in fp32)."""
+    if scale < 0.0:
+        return -q, -scale * LOG2E
+    return q, max(scale, _TINY_SCALE) * LOG2E
+
+
 def _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, need_lse=True, *, _config=None):
     """o (B, Tq, H, D) contiguous, and lse (B, H, Tq) fp32 in base 2 (empty unless need_lse).
 
     q (B, Tq, H, D), k and v (B, Tk, H, D) with unit last-dim stride; seed_t: 1-element int64
-    tensor, or None when dropout_p == 0. _config overrides the block table (tests).
+    tensor, or None when dropout_p == 0. _config overrides the block table (tests, bench/tune.py).
     """
     B, T_q, H, D = q.shape
     T_k = k.shape[1]
     block_d = _block_d(D)
-    cfg = _config or _table_config(_FWD_CONFIGS, q.dtype, block_d)
+    threshold, _, keep_scale = dropout_threshold(dropout_p)
+    has_dropout = threshold > 0
+    cfg = _config or configs_for(q.device, q.dtype, D, causal, has_dropout)["fwd"]
     o = torch.empty((B, T_q, H, D), dtype=q.dtype, device=q.device)  # (B, T, H, D)
     lse = torch.empty((B, H, T_q) if need_lse else (0,), dtype=torch.float32, device=q.device)  # (B, H, T)
-    has_dropout = dropout_p > 0.0
+    q, qk_scale = _positive_scale(q, scale)
     grid = (triton.cdiv(T_q, cfg.block_m), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse if need_lse else o, seed_t if has_dropout else q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, T_q, T_k, scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        H, T_q, T_k, qk_scale, threshold, keep_scale,
         IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, STORE_LSE=need_lse, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -413,33 +434,38 @@ def _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t, *, _co
     B, T_q, H, D = q.shape
     T_k = k.shape[1]
     block_d = _block_d(D)
-    dkdv_cfg, dq_cfg = _configs or (_table_config(_DKDV_CONFIGS, q.dtype, block_d),
-                                     _table_config(_DQ_CONFIGS, q.dtype, block_d))
+    threshold, p_eff, keep_scale = dropout_threshold(dropout_p)
+    has_dropout = threshold > 0
+    if _configs is None:
+        cfgs = configs_for(q.device, q.dtype, D, causal, has_dropout)
+        _configs = (cfgs["dkdv"], cfgs["dq"])
+    dkdv_cfg, dq_cfg = _configs
     do = do.to(q.dtype)
     if do.stride(-1) != 1:
         do = do.contiguous()
     # Strided like the inputs where they are dense, contiguous otherwise (views into a packed
     # projection get contiguous gradients; autograd packs them back).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (B, T, H, D) each
-    delta = torch.empty((B, H, T_q), dtype=torch.float32, device=q.device)  # (B, H, T)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T_q, _PREPROCESS_BLOCK_M), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T_q,
-        BLOCK_M=_PREPROCESS_BLOCK_M, HEAD_DIM=D, BLOCK_D=block_d)
-    has_dropout = dropout_p > 0.0
+    delta = torch.empty((B, H, T_q), dtype=torch.float32, device=q.device)  # (B, H, T), written by dQ's kernel
+    q_run, qk_scale = _positive_scale(q, scale)
     common = dict(IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, HEAD_DIM=D, BLOCK_D=block_d,
                   DOT_PRECISION=_dot_precision(q.dtype))
-    scalars = (H, T_q, T_k, scale * LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p))
     seed_arg = seed_t if has_dropout else q
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T_k, dkdv_cfg.block_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv, seed_arg, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *scalars,
-        BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, num_warps=dkdv_cfg.num_warps,
-        num_stages=dkdv_cfg.num_stages, **common)
+    # dK = s dS^T Q = |s| dS^T q_run; dQ = s dS K. Both and dV carry the 1 / (1 - p) of the loops.
+    grad_scale = abs(scale) * keep_scale
+    # dQ's kernel first: it also writes delta', which the dK/dV kernel reads.
     _attn_bwd_dq_kernel[(triton.cdiv(T_q, dq_cfg.block_m), B * H)](
-        q, k, v, do, lse, delta, dq, seed_arg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], *dq.stride()[:3], *scalars,
+        q_run, k, v, o, do, lse, delta, dq, seed_arg, *q_run.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T_q, T_k, qk_scale,
+        math.copysign(grad_scale, scale), threshold, 1.0 - p_eff,
         BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, num_warps=dq_cfg.num_warps,
         num_stages=dq_cfg.num_stages, **common)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T_k, dkdv_cfg.block_n), B * H)](
+        q_run, k, v, do, lse, delta, dk, dv, seed_arg, *q_run.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        H, T_q, T_k, qk_scale, grad_scale, threshold, keep_scale,
+        BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, num_warps=dkdv_cfg.num_warps,
+        num_stages=dkdv_cfg.num_stages, **common)
     return dq, dk, dv
 
 
@@ -524,9 +550,11 @@ def flash_attention(q, k, v, dropout_p=0.0, causal=True, softmax_scale=None, see
 
     q (B, Tq, H, D), k and v (B, Tk, H, D): any strides with a unit last one (views into a packed
     (B, T, 3, H, D) projection go in as they are), fp32/fp16/bf16, 1 <= D <= 128. Causal: query i
-    sees keys 0..i. softmax_scale defaults to 1/sqrt(D). seed (int, 1-element int tensor, or None
-    to draw one from torch's generator) picks the dropout mask, see dropout_keep_mask; it is unused
-    when dropout_p == 0. Returns (B, Tq, H, D), contiguous.
+    sees keys 0..i. softmax_scale defaults to 1/sqrt(D). dropout_p is applied as the nearest
+    multiple of 2^-16 (kernels.dropout.dropout_threshold), and kept weights are scaled by 1 / (1 - that).
+    seed (int, 1-element int tensor, or None to draw a 63-bit one from torch's generator) picks the
+    dropout mask, see dropout_keep_mask; it is unused when dropout_p == 0. Returns (B, Tq, H, D),
+    contiguous.
     """
     _check_inputs(q, k, v, causal, softmax_scale)
     dropout_p = check_dropout_p(dropout_p)
@@ -540,8 +568,9 @@ def flash_attention(q, k, v, dropout_p=0.0, causal=True, softmax_scale=None, see
 def dropout_keep_mask(seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device):
     """The bool (B, H, Tq, Tk) mask of attention weights the kernels keep (True) for this seed.
 
-    Drawn by the kernels' own _dropout_keep, so it can be passed as `keep_mask` to
-    kernels.reference.attention to check them exactly.
+    Drawn by the kernels' own helper (kernels.dropout.attention_keep), so it can be passed as
+    `keep_mask` to kernels.reference.attention, with the effective p of
+    kernels.dropout.dropout_threshold(dropout_p), to check the kernels exactly.
     """
     dropout_p = check_dropout_p(dropout_p)
     for name, n in (("batch", batch), ("heads", heads), ("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k)):
@@ -551,5 +580,6 @@ def dropout_keep_mask(seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device)
     seed_t = seed_tensor(seed, device)
     mask = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)  # (B, H, Tq, Tk)
     grid = (batch * heads, triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32))
-    _dropout_mask_kernel[grid](mask, seed_t, seqlen_q, seqlen_k, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    _dropout_mask_kernel[grid](mask, seed_t, seqlen_q, seqlen_k, dropout_threshold(dropout_p).threshold,
+                               BLOCK_M=32, BLOCK_N=32)
     return mask.bool()

@@ -33,7 +33,9 @@ def _torch_layer_norm(x, weight, bias, eps=1e-5):
 
 
 def _torch_add_layer_norm(x, residual, weight, bias, eps=1e-5, dropout_p=0.0):
-    s = residual + F.dropout(x, dropout_p, training=dropout_p > 0.0)
+    # training=True: dropout_p is 0.0 in eval mode, where F.dropout returns x as it is. (Not
+    # training=dropout_p > 0: under torch.compile dropout_p can be symbolic, and that a SymBool.)
+    s = residual + F.dropout(x, dropout_p, training=True)
     return _torch_layer_norm(s, weight, bias, eps), s
 
 

@@ -68,6 +68,9 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(self.chars)
 
+    def __len__(self) -> int:
+        return len(self.chars)
+
     def encode(self, s: str) -> list[int]:
         unknown = sorted(set(s) - self.stoi.keys())
         if unknown:
@@ -82,6 +85,28 @@ def train_val_split(data: torch.Tensor, train_fraction: float = 0.9):
     """The first 90% is train, the rest val (the seed's split)."""
     n = int(train_fraction * len(data))
     return data[:n], data[n:]
+
+
+def load_dataset(path: str | Path | None, block_size: int, device, vocab: str | None = None):
+    """(tokenizer, train ids, val ids) from a text file, the ids on `device` (batches are sampled there,
+    with no per-step host work). path None: data/input.txt relative to the working directory,
+    downloaded when missing. vocab: a checkpoint's characters, which the text must fit; None: the
+    text's own. Raises DataError for a file that cannot be used.
+    """
+    text = load_text(path or DEFAULT_DATA_PATH, download_if_missing=path is None)
+    tokenizer = CharTokenizer.from_text(text) if vocab is None else CharTokenizer(vocab)
+    try:
+        data = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
+    except ValueError as e:
+        raise DataError(f"the data does not fit the checkpoint's vocabulary: {e}") from None
+    train_data, val_data = train_val_split(data)
+    shortest = min(len(train_data), len(val_data))
+    if shortest <= block_size:
+        raise DataError(
+            f"the data ({len(data)} characters) is too short for --block-size {block_size}: each split "
+            f"needs more than {block_size} characters (the smaller has {shortest})"
+        )
+    return tokenizer, train_data.to(device), val_data.to(device)
 
 
 def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator=None):

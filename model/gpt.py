@@ -5,33 +5,51 @@ backend runs the same arrangement:
 - key, query and value are one Linear(C, 3C) whose output, viewed (B, T, 3, H, D), gives q, k and
   v as strided views, with no transpose or copy;
 - each branch's closing dropout, the residual add and the LayerNorm that follows are one op,
-  add_layer_norm(branch, x) -> (ln(x + dropout(branch)), x + dropout(branch)). The LayerNorm after
-  a block's feed-forward is the next block's ln1 (or ln_f after the last block), so a block takes
-  that next LayerNorm as an argument.
+  add_layer_norm(branch, x) -> (ln(x + dropout(branch)), x + dropout(branch)). So a block takes
+  (branch, residual): the previous block's feed-forward output, not yet added, and the residual
+  stream; it adds them in its first add_layer_norm and hands its own feed-forward output on. After
+  the last block, GPT adds it in the add_layer_norm of ln_f.
 A state dict saved by the seed's own script (separate key/query/value, a `tril` buffer) loads too.
+
+Shapes: B batch, T sequence (at most block_size), C width (n_embd), H heads, D = C // H, V vocab.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.backends import BACKENDS, backend_ops
+from model.data import CharTokenizer
+
+# What a checkpoint needs for GPT.from_checkpoint; train.py's checkpoints hold more (optimizer, step).
+MODEL_CHECKPOINT_KEYS = ("model", "config", "vocab")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not hold a model; the message says which and why."""
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65  # characters in tiny Shakespeare
-    block_size: int = 256  # longest context, in characters
+    """The model's shape and which ops it runs; the defaults are the seed's model.
+
+    GPT(GPTConfig()) is the seed's 10.76 M-parameter model (with vocab_size 65, tiny Shakespeare's).
+    Every field is checked here: a bad value raises ValueError naming it.
+    """
+
+    vocab_size: int = 65  # characters in tiny Shakespeare (V)
+    block_size: int = 256  # longest context, in characters (the largest T)
     n_embd: int = 384  # width C of the residual stream
     n_head: int = 6  # attention heads H; head dim D = n_embd // n_head
     n_layer: int = 6  # transformer blocks
     dropout: float = 0.2  # on attention weights, after the attention projection and the feed-forward
-    backend: str = "reference"  # which ops run: reference | torch | triton
+    backend: str = "reference"  # which ops run: reference | torch | triton (see model/backends.py)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
@@ -46,6 +64,7 @@ class GPTConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (what a checkpoint stores under "config")."""
         return dataclasses.asdict(self)
 
 
@@ -61,6 +80,7 @@ class CausalSelfAttention(nn.Module):
         self.ops = backend_ops(config.backend)
 
     def forward(self, h):
+        """h (B, T, C), the normed residual stream -> the attention branch's output (B, T, C)."""
         B, T, C = h.shape
         qkv = self.qkv(h).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, H, D)
         q, k, v = qkv.unbind(2)  # each (B, T, H, D), a strided view
@@ -90,11 +110,21 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, h):
+        """h (B, T, C) -> (B, T, C)."""
         return self.net(h)
 
 
 class Block(nn.Module):
-    """x = x + dropout(attn(ln1(x))); x = x + dropout(ffwd(ln2(x))), with ln1(x) given."""
+    """One transformer block, in the fused add-and-norm form: forward(branch, residual).
+
+    The seed's block is x = x + dropout(sa(ln1(x))); x = x + dropout(ffwd(ln2(x))). Here each residual
+    add is fused with the LayerNorm that follows it, so a block receives the previous block's
+    feed-forward output (the branch, not yet added) with the residual stream, and hands on its own:
+
+        x = residual + dropout(branch);  h = ln1(x)      one add_layer_norm (just ln1 for the first block)
+        x = x + dropout(sa(h));          h = ln2(x)      one add_layer_norm
+        return ffwd(h), x                                the next block (or GPT's ln_f) adds it
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -105,16 +135,29 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.ops = backend_ops(config.backend)
 
-    def forward(self, h, x, next_ln: nn.LayerNorm):
-        """h = ln1(x) on entry; returns (next_ln(x'), x') for the updated residual stream x'."""
+    def forward(self, branch, residual):
+        """branch: the previous block's feed-forward output (B, T, C), or None for the first block;
+        residual: the residual stream (B, T, C). Returns (this block's feed-forward output, the
+        residual stream it is to be added to), both (B, T, C)."""
         p = self.dropout if self.training else 0.0
-        ln2 = self.ln2
+        ln1, ln2 = self.ln1, self.ln2
+        if branch is None:
+            x = residual
+            h = self.ops.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)  # (B, T, C)
+        else:
+            h, x = self.ops.add_layer_norm(branch, residual, ln1.weight, ln1.bias, ln1.eps, p)  # (B, T, C) x2
         h, x = self.ops.add_layer_norm(self.sa(h), x, ln2.weight, ln2.bias, ln2.eps, p)  # (B, T, C) x2
-        h, x = self.ops.add_layer_norm(self.ffwd(h), x, next_ln.weight, next_ln.bias, next_ln.eps, p)
-        return h, x
+        return self.ffwd(h), x  # (B, T, C) x2
 
 
 class GPT(nn.Module):
+    """The character GPT: token and position embeddings, n_layer blocks, ln_f, a tied LM head.
+
+    model = GPT(GPTConfig(vocab_size=65))               # the seed's model, random weights
+    logits, loss = model(idx, targets)                  # idx, targets (B, T) -> (B, T, V), scalar
+    model, tokenizer = GPT.from_checkpoint("model.pth")  # a trained one, ready to generate
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -138,10 +181,48 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path | dict, backend: str | None = None):
+        """(model, tokenizer) from a checkpoint written by train.py (or a dict read from one).
+
+        The model is on the CPU, in eval mode, with the checkpoint's weights; move it with .to(device).
+        backend: which ops to run; None keeps the checkpoint's, except that a triton checkpoint runs
+        the torch ops where no CUDA GPU is available (the triton ops need one).
+        The tokenizer (model.data.CharTokenizer) is the checkpoint's vocabulary: encode, decode.
+        Raises CheckpointError (a ValueError) with a one-line reason for a file it cannot use.
+
+            model, tokenizer = GPT.from_checkpoint("model.pth")
+            idx = torch.tensor([tokenizer.encode("ROMEO:")])  # (B, T) = (1, 6)
+            print(tokenizer.decode(model.generate(idx, 100)[0].tolist()))  # from (1, 6 + 100)
+        """
+        if isinstance(checkpoint, dict):
+            ckpt, where = checkpoint, "the checkpoint"
+            _check_keys(ckpt, where)
+        else:
+            ckpt, where = read_checkpoint(checkpoint), checkpoint
+        saved = dict(ckpt["config"])
+        if backend is None:
+            backend = saved.get("backend", "reference")
+            if backend == "triton" and not torch.cuda.is_available():
+                backend = "torch"
+        try:
+            model = cls(GPTConfig(**{**saved, "backend": backend}))
+            model.load_state_dict(ckpt["model"], strict=True)
+        except (TypeError, ValueError, RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{where} does not hold a model this program can build: {first}") from None
+        return model.eval(), CharTokenizer(ckpt["vocab"])
+
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # the tied weight counts once
+        """Trainable parameters; the tied embedding / LM-head weight counts once."""
+        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
+        """idx: token ids (B, T), T <= block_size; targets: the next ids (B, T), or None.
+
+        Returns (logits (B, T, V), loss): loss is the mean cross-entropy over the B * T positions, a
+        scalar tensor, or None without targets. Dropout is on in train mode only.
+        """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -149,11 +230,12 @@ class GPT(nn.Module):
         x = self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (B, T, C)
         if self.residual_in_compute_dtype and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        ln1 = self.blocks[0].ln1 if self.blocks else self.ln_f
-        h = self.ops.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            next_ln = self.blocks[i + 1].ln1 if i + 1 < len(self.blocks) else self.ln_f
-            h, x = block(h, x, next_ln)
+        branch = None
+        for block in self.blocks:
+            branch, x = block(branch, x)  # (B, T, C) x2
+        p = self.config.dropout if self.training else 0.0
+        ln_f = self.ln_f
+        h, _ = self.ops.add_layer_norm(branch, x, ln_f.weight, ln_f.bias, ln_f.eps, p)  # (B, T, C)
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -162,7 +244,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); the context is cropped to block_size."""
+        """Append max_new_tokens sampled ids to idx (B, T); returns (B, T + max_new_tokens).
+
+        Each new id is drawn from softmax(logits / temperature), among the top_k likeliest only when
+        top_k is given, with `generator` (a torch.Generator on idx's device) when given. The context
+        is cropped to the last block_size ids. Call it in eval mode for the trained model's samples.
+        """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if top_k is not None and top_k <= 0:
@@ -178,3 +265,28 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
         return idx
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The dict a checkpoint file holds, read onto the CPU without running any pickled code.
+
+    Raises CheckpointError when the file is missing, is not a torch checkpoint, or lacks what a
+    model needs (its weights, config and vocabulary).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give a file path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged or foreign file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); is it a torch checkpoint?") from None
+    _check_keys(ckpt, path)
+    return ckpt
+
+
+def _check_keys(ckpt, where) -> None:
+    missing = [k for k in MODEL_CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else MODEL_CHECKPOINT_KEYS
+    if missing:
+        raise CheckpointError(f"{where} is not a checkpoint of this program (missing {', '.join(sorted(missing))})")

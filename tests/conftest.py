@@ -13,7 +13,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The small absolute slack allowed on top of twice PyTorch's own error, per dtype (STYLE.md 12).
+# The small absolute slack allowed on top of twice PyTorch's own error, per dtype: the project's
+# tolerance rule (see assert_matches_reference below).
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 BF16_SKIP_REASON = "bf16 tl.dot is wrong in Triton's interpreter (a Triton bug); bf16 runs on the GPU only"

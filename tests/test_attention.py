@@ -8,17 +8,17 @@ kernels' own mask (dropout_keep_mask) to the reference.
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from kernels import flash_attention
 from kernels._common import seed_tensor
-from kernels.attention import (_DKDV_CONFIGS, _DQ_CONFIGS, _FWD_CONFIGS, _attn_backward,
-                               _attn_forward, _Config, dropout_keep_mask)
+from kernels.attention import _DEFAULT_CONFIGS, _attn_backward, _attn_forward, _Config, dropout_keep_mask
+from kernels.dropout import dropout_threshold
 from kernels.reference import attention
 from tests.conftest import DTYPES, assert_matches_reference
+from tests.test_dropout import attention_keep_np
 
 
 def _randn(shape, dtype, device):
@@ -33,9 +33,14 @@ def _out_and_grads(fn, q, k, v, do, **kwargs):
 
 
 def _check(q, k, v, keep_mask=None, **kwargs):
-    """Kernel out, dq, dk, dv vs the float64 reference; returns the kernel's four tensors."""
+    """Kernel out, dq, dk, dv vs the float64 reference; returns the kernel's four tensors.
+
+    With dropout the reference gets the kernels' mask and their effective p (a multiple of 2^-16).
+    """
     do = _randn(q.shape, q.dtype, q.device)  # (B, T, H, D)
     got = _out_and_grads(flash_attention, q, k, v, do, **kwargs)
+    if "dropout_p" in kwargs:
+        kwargs = dict(kwargs, dropout_p=dropout_threshold(kwargs["dropout_p"]).p)
     ref64 = _out_and_grads(attention, q.double(), k.double(), v.double(), do.double(),
                            keep_mask=keep_mask, **kwargs)
     same = _out_and_grads(attention, q, k, v, do, keep_mask=keep_mask, **kwargs)
@@ -71,6 +76,15 @@ def test_causal_matches_reference(shape, dtype, device):
 def test_non_causal_with_scale_matches_reference(dtype, device):
     q, k, v = (_randn((2, 100, 3, 32), dtype, device) for _ in range(3))
     _check(q, k, v, causal=False, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("scale", [-0.7, 0.0], ids=["negative", "zero"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_negative_and_zero_scale(scale, causal, device):
+    """The kernels fold a positive scale into exp2; a negative one runs as -q, zero as a tiny one."""
+    q, k, v = (_randn((1, 40, 2, 16), torch.float32, device) for _ in range(3))
+    _check(q, k, v, causal=causal, softmax_scale=scale, dropout_p=0.25, seed=3,
+           keep_mask=dropout_keep_mask(3, 1, 2, 40, 40, 0.25, device))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -111,6 +125,13 @@ def test_dropout_matches_reference_with_kernel_mask(shape, causal, dtype, device
     _check(q, k, v, keep_mask=mask, dropout_p=p, causal=causal, seed=1234)
 
 
+def test_dropout_below_half_a_step_is_no_dropout(device):
+    """p < 2^-17 rounds to a threshold of 0: nothing is dropped and nothing is rescaled."""
+    q, k, v = (_randn((1, 33, 2, 16), torch.float32, device) for _ in range(3))
+    assert dropout_threshold(1e-6) == (0, 0.0, 1.0)
+    assert torch.equal(flash_attention(q, k, v, dropout_p=1e-6, seed=3), flash_attention(q, k, v))
+
+
 def _binomial_close(count, n, prob, what):
     """count of n Bernoulli(prob) draws is within 6 standard deviations of n * prob."""
     sigma = math.sqrt(n * prob * (1 - prob))
@@ -120,42 +141,33 @@ def _binomial_close(count, n, prob, what):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_kept_fraction_is_one_minus_p(p, device):
     mask = dropout_keep_mask(7, 2, 3, 256, 256, p, device).cpu()  # (B, H, T, T)
-    _binomial_close(mask.sum().item(), mask.numel(), 1 - p, "kept")
-    # Each of the four Philox words, and neighbouring keys together, look independent.
-    for word in range(4):
-        part = mask[..., word::4]
-        _binomial_close(part.sum().item(), part.numel(), 1 - p, f"kept in word {word}")
-    for w1, w2 in itertools.combinations(range(4), 2):
-        both = mask[..., w1::4] & mask[..., w2::4]
-        _binomial_close(both.sum().item(), both.numel(), (1 - p) ** 2, f"kept in words {w1} and {w2}")
-    both = mask[..., 1:] & mask[..., :-1]
-    _binomial_close(both.sum().item(), both.numel(), (1 - p) ** 2, "neighbours kept")
+    p_eff = dropout_threshold(p).p
+    _binomial_close(mask.sum().item(), mask.numel(), 1 - p_eff, "kept")
+    # Each of the 8 slices of a Philox call (word 2 (i // 8 % 2) + j // 8 % 2, half j % 2) alone, and
+    # neighbouring keys and queries together, look independent.
+    tiles = mask.reshape(2, 3, 16, 2, 8, 16, 2, 4, 2)  # (b, h, i//16, i//8%2, i%8, j//16, j//8%2, j//2%4, j%2)
+    for i3, j3, j0 in itertools.product(range(2), repeat=3):
+        part = tiles[:, :, :, i3, :, :, j3, :, j0]
+        _binomial_close(part.sum().item(), part.numel(), 1 - p_eff, f"kept in word {2 * i3 + j3}, half {j0}")
+    for name, a, b in (("keys", mask[..., 1:], mask[..., :-1]), ("queries", mask[..., 1:, :], mask[..., :-1, :]),
+                       ("keys 8 apart", mask[..., 8:], mask[..., :-8])):
+        both = a & b
+        _binomial_close(both.sum().item(), both.numel(), (1 - p_eff) ** 2, f"neighbouring {name} kept")
     assert not torch.equal(mask[0, 0], mask[0, 1]), "heads share dropout bits"
     assert not torch.equal(mask[0, 0], mask[1, 0]), "batch rows share dropout bits"
 
 
-@triton.jit
-def _philox_uniforms_kernel(seed_ptr, counter_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """out[w, c] = word w of Philox at counter c, as a uniform in [0, 1): plain tl.rand4x."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr), tl.load(counter_ptr + offs, mask=mask, other=0))
-    tl.store(out_ptr + offs, u0, mask=mask)
-    tl.store(out_ptr + n + offs, u1, mask=mask)
-    tl.store(out_ptr + 2 * n + offs, u2, mask=mask)
-    tl.store(out_ptr + 3 * n + offs, u3, mask=mask)
-
-
-def test_mask_is_the_documented_function_of_seed_batch_head_query_key(device):
-    """(b, h, i, j) is kept when word j % 4 of counter ((b H + h) Tq + i) ceil(Tk / 4) + j // 4 >= p."""
-    B, H, T_q, T_k, p, seed = 2, 3, 5, 11, 0.4, 2**40 + 3  # the seed's high half matters too
-    b, h, i, j = torch.meshgrid(*(torch.arange(n, device=device) for n in (B, H, T_q, T_k)), indexing="ij")
-    counter = (((b * H + h) * T_q + i) * ((T_k + 3) // 4) + j // 4).reshape(-1)  # (B*H*Tq*Tk,) int64
-    n = counter.numel()
-    words = torch.empty((4, n), dtype=torch.float32, device=device)
-    _philox_uniforms_kernel[(triton.cdiv(n, 128),)](seed_tensor(seed, device), counter, words, n, BLOCK=128)
-    expected = words.gather(0, (j % 4).reshape(1, -1)).reshape(B, H, T_q, T_k) >= torch.tensor(p)
-    assert torch.equal(dropout_keep_mask(seed, B, H, T_q, T_k, p, device), expected.to(device))
+@pytest.mark.parametrize("seed", [5, 2**40 + 3, 2**62 + 1])  # the seed's high half matters too
+def test_mask_is_the_documented_function_of_seed_batch_head_query_key(seed, device):
+    """dropout_keep_mask follows kernels.dropout's layout, checked by an independent NumPy Philox."""
+    B, H, T_q, T_k, p = 2, 3, 37, 50, 0.4
+    got = dropout_keep_mask(seed, B, H, T_q, T_k, p, device).cpu().numpy()
+    threshold = dropout_threshold(p).threshold
+    i, j = np.arange(T_q)[:, None], np.arange(T_k)[None, :]
+    for b in range(B):
+        for h in range(H):
+            want = attention_keep_np(seed, b * H + h, i, j, threshold)
+            np.testing.assert_array_equal(got[b, h], want, err_msg=f"batch {b}, head {h}")
 
 
 def _dropout_run(device, seed, p=0.3):
@@ -195,24 +207,43 @@ def test_gradients_are_bitwise_repeatable(device):
             assert torch.equal(a, b), f"{name} is not bitwise repeatable"
 
 
-ALL_CONFIGS = sorted(set(_FWD_CONFIGS.values()) | set(_DKDV_CONFIGS.values()) | set(_DQ_CONFIGS.values())
-                     | {_Config(16, 16, 4, 1), _Config(32, 128, 4, 1), _Config(64, 32, 4, 1)})
+def _table_configs():
+    """Every configuration the launchers can pick: the defaults and the measured table's entries."""
+    from kernels.attention_configs import TABLE
+    return ({cfg for table in _DEFAULT_CONFIGS.values() for cfg in table.values()}
+            | {_Config(*cfg) for entry in TABLE.values() for cfg in entry.values()})
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS,
-                         ids=lambda c: f"M{c.block_m}-N{c.block_n}-w{c.num_warps}-s{c.num_stages}")
-def test_dropout_mask_same_under_every_block_config(config, device):
-    """Every block shape applies dropout_keep_mask's mask, forward and backward."""
+def _tune_candidates():
+    """What bench/tune.py may write into the table (for the model's head dim)."""
+    from bench.tune import KERNELS, candidates
+    return {cfg for kernel in KERNELS for cfg in candidates(kernel, 64)}
+
+
+def _config_id(c):
+    return f"M{c.block_m}-N{c.block_n}-w{c.num_warps}-s{c.num_stages}"
+
+
+TABLE_CONFIGS = sorted(_table_configs() | {_Config(16, 16, 4, 1), _Config(32, 128, 4, 1)})
+CONFIG_CASES = ([pytest.param(c, torch.float32, id=f"{_config_id(c)}-fp32") for c in TABLE_CONFIGS]
+                + [pytest.param(c, torch.float16, id=f"{_config_id(c)}-fp16")
+                   for c in sorted(set(TABLE_CONFIGS) | _tune_candidates())])
+
+
+@pytest.mark.parametrize("config, dtype", CONFIG_CASES)
+def test_every_config_applies_the_same_mask_and_is_correct(config, dtype, device):
+    """Every block shape the table, the defaults or bench/tune.py can choose applies
+    dropout_keep_mask's mask, forward and backward, and matches the reference."""
     B, T, H, D, p, seed = 1, 100, 2, 32, 0.3, 11
-    q, k, v = (_randn((B, T, H, D), torch.float32, device) for _ in range(3))
-    do = _randn((B, T, H, D), torch.float32, device)
+    q, k, v = (_randn((B, T, H, D), dtype, device) for _ in range(3))
+    do = _randn((B, T, H, D), dtype, device)
     scale, seed_t = D ** -0.5, seed_tensor(seed, device)
     out, lse = _attn_forward(q, k, v, p, True, scale, seed_t, _config=config)
     grads = _attn_backward(do, q, k, v, out, lse, p, True, scale, seed_t, _configs=(config, config))
-    mask = dropout_keep_mask(seed, B, H, T, T, p, device)
+    mask, p_eff = dropout_keep_mask(seed, B, H, T, T, p, device), dropout_threshold(p).p
     ref64 = _out_and_grads(attention, q.double(), k.double(), v.double(), do.double(),
-                           dropout_p=p, keep_mask=mask)
-    same = _out_and_grads(attention, q, k, v, do, dropout_p=p, keep_mask=mask)
+                           dropout_p=p_eff, keep_mask=mask)
+    same = _out_and_grads(attention, q, k, v, do, dropout_p=p_eff, keep_mask=mask)
     for name, actual, r64, s in zip(("out", "dq", "dk", "dv"), (out, *grads), ref64, same):
         assert_matches_reference(name, actual, r64, s)
 

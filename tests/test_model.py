@@ -242,3 +242,40 @@ def test_tiny_training_run_lowers_val_loss():
         opt.step()
     after = val_loss()
     assert after < before - 1.0, (before, after)
+
+
+# The state dict's keys as they were before Block took (branch, residual), for a 2-layer model: a
+# checkpoint saved then must load strictly now (tests/test_training.py loads a real one too).
+OLD_LAYOUT_KEYS = [
+    "token_embedding_table.weight", "position_embedding_table.weight",
+    *[f"blocks.{i}.{name}" for i in range(2) for name in (
+        "sa.qkv.weight", "sa.proj.weight", "sa.proj.bias", "ffwd.net.0.weight", "ffwd.net.0.bias",
+        "ffwd.net.2.weight", "ffwd.net.2.bias", "ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")],
+    "ln_f.weight", "ln_f.bias", "lm_head.weight", "lm_head.bias",
+]
+
+
+def test_state_dict_keys_are_the_old_layout():
+    model = GPT(GPTConfig(**TINY))
+    assert list(model.state_dict()) == OLD_LAYOUT_KEYS
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, strict=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_block_adds_the_branch_it_is_given_then_hands_on_its_own(backend):
+    """Block(branch, residual): x = residual + branch; x = x + sa(ln1(x)); returns (ffwd(ln2(x)), x)."""
+    from model import Block
+
+    config = GPTConfig(**TINY, backend=backend)
+    block = Block(config).double().eval()
+    _randomize(block)
+    residual, branch = torch.randn(2, 5, 24, dtype=torch.float64), torch.randn(2, 5, 24, dtype=torch.float64)
+    out_branch, out_residual = block(branch, residual)
+    x = residual + branch
+    x = x + block.sa(block.ln1(x))
+    torch.testing.assert_close(out_residual, x)
+    torch.testing.assert_close(out_branch, block.ffwd(block.ln2(x)))
+    first_branch, first_residual = block(None, residual)  # the first block: nothing to add yet
+    x = residual + block.sa(block.ln1(residual))
+    torch.testing.assert_close(first_residual, x)
+    torch.testing.assert_close(first_branch, block.ffwd(block.ln2(x)))
