@@ -32,12 +32,14 @@ The two means come from differentiating through mean and rstd: d(mean)/ds = 1/C 
 d(rstd)/ds = -rstd^3 (s - mean) / C, which collapse to the mean(dxhat) and xhat * mean(dxhat * xhat)
 terms. Only mean and rstd (fp32, one each per row) are saved; xhat is recomputed from s.
 
-Layout. A row is held as two pieces of power-of-two widths, the head (the largest power of two
-<= C) and the tail (the rest, rounded up, masked at C): C = 384 is 256 + 128, so no lane holds a
-padding column. A piece is (ROWS / 2, K, 2, 128): pair m of rows 2m, 2m + 1, sub-piece k of 128
-columns, the row in the pair, the column. Each thread holds 4 consecutive columns of each
-sub-piece of both rows of its pair, so both pieces share one register layout; a warp owns a pair,
-and every row sum stays inside the warp (shuffles, no shared memory, no barrier).
+Layout. A program holds ROWS rows as 2D tiles (M, SUB), M = ROWS / 2: tile (k, h) is columns
+[k SUB, (k + 1) SUB) of rows 2m + h, for the pairs m of the program's rows (one row per pair when
+a program holds a single row). C = 384 is 3 tiles of 128 by 2 rows: no lane holds a padding column
+(a tile that crosses C is masked). Each thread holds 4 consecutive columns of a tile, and the same
+columns of both rows of its pair; a warp owns a pair, so every row sum stays inside the warp
+(shuffles: no shared memory, no barrier). The tiles live in tuples: every tile of every width has
+the same 2D layout, which Triton chooses the same way in every version (a layout with a dimension
+per tile index would hang on how a Triton release orders dimensions of equal contiguity).
 
 dweight and dbias are reduced without atomics. The backward grid has as many programs as fit on
 the GPU at once (from the compiled kernel's registers and shared memory). Each walks a fixed set
@@ -53,11 +55,12 @@ viewed as (rows, C) is kept when slice 4 (r % 2) + c % 4 of the Philox call on c
 
 is >= the threshold; slice j is the low (j even) or high (j odd) half of word j // 2. One call thus
 serves a 2 x 4 block, rows 2m and 2m + 1 by columns 4q to 4q + 3: exactly what a thread holds, so
-every call is made once, in the data's register layout, for real columns only (a column past C
-never takes a call a real column needs). The bits depend on (seed, row, col) only, never on the
-pieces, ROWS or the grid; no other op uses the STREAM_LAYERNORM counters. Backward draws the bits
-again with the same helper, `_dropout_keep`, which `dropout_keep_mask` runs too. dropout(x) is
-rounded to x's dtype before the add, as residual + F.dropout(x) rounds it.
+each call is made once (the compiler merges the two rows' identical calls), in the data's register
+layout, for real columns only (a column past C never takes a call a real column needs). The bits
+depend on (seed, row, col) only, never on the tiles, ROWS or the grid; no other op uses the
+STREAM_LAYERNORM counters. Backward draws the bits again with the same helpers (`_philox_words`,
+`_keep`), which `dropout_keep_mask` runs too. dropout(x) is rounded to x's dtype before the add, as
+residual + F.dropout(x) rounds it.
 """
 
 from __future__ import annotations
@@ -74,288 +77,274 @@ from kernels._common import check_dropout_p, check_float_tensor, seed_tensor
 from kernels.dropout import STREAM_LAYERNORM, dropout_threshold, philox
 
 MAX_COLS = 16384  # a row lives in registers (<= 32 fp32 values a thread per tensor at 16 warps)
-_SUB = 128  # columns of a sub-piece: 32 lanes x 4 consecutive columns
 _INTERPRETER_PROGRAMS = 8  # backward programs off the GPU (Triton's interpreter): a small fixed count
 _MAX_BLOCKS_PER_SM = 32  # the most resident blocks one SM holds (sm_80 to sm_90)
 
 
 @triton.jit
-def _dropout_keep(seed, pairs, halves, cols, threshold_hi, shape):
-    """Bool keep mask of shape `shape`: x's elements (row 2 pairs + halves, column cols).
-
-    One Philox call serves 2 rows x 4 columns: element (r, c) takes slice 4 (r % 2) + c % 4 of
-    counter ((r // 2) % 2^32, c // 4, STREAM_LAYERNORM, (r // 2) // 2^32), that is word
-    2 (r % 2) + (c % 4) // 2, high half when c is odd. pairs (int64) holds r // 2 and halves r % 2.
-    The counters are built at the data's own shape and register layout (no conversion); those of
-    the columns and rows a thread holds repeat, and the compiler runs each distinct call once.
-    """
-    zero = tl.zeros(shape, tl.uint32)
-    w0, w1, w2, w3 = philox(seed, (pairs & 0xFFFFFFFF).to(tl.uint32) + zero, (cols // 4).to(tl.uint32) + zero,
-                            zero + STREAM_LAYERNORM, (pairs >> 32).to(tl.uint32) + zero)
-    quad = cols % 4
-    word = tl.where(halves == 0, tl.where(quad < 2, w0, w1), tl.where(quad < 2, w2, w3))
-    # The slice moved to the top 16 bits, against the threshold moved there too (threshold_hi).
-    return tl.where(cols % 2 == 1, word, word << 16) >= threshold_hi.to(tl.uint32)
-
-
-@triton.jit
-def _block_rows(block, ROWS: tl.constexpr, PAIR: tl.constexpr):
-    """Rows of row block `block` as (ROWS / PAIR, 1, PAIR, 1): with PAIR = 2, pair m holds rows
-    2 m and 2 m + 1 in one thread (the dims of size PAIR live in registers). Returns (rows, r // 2,
-    r % 2), the last two for the dropout counters, without the pair dimension when PAIR = 2."""
+def _block_rows(block, h, ROWS: tl.constexpr, PAIR: tl.constexpr):
+    """Rows (M,) of row block `block`, M = ROWS / PAIR: with PAIR = 2, rows 2 m + h of its pairs m."""
     if PAIR == 2:
-        pairs = block * (ROWS // 2) + tl.arange(0, ROWS // 2)[:, None, None, None]  # (M, 1, 1, 1)
-        halves = tl.arange(0, 2)[None, None, :, None]  # (1, 1, 2, 1)
-        rows = 2 * pairs + halves
+        rows = 2 * (block * (ROWS // 2) + tl.arange(0, ROWS // 2)) + h
     else:
-        rows = block * ROWS + tl.arange(0, ROWS)[:, None, None, None]  # (ROWS, 1, 1, 1)
-        pairs = rows // 2
-        halves = rows % 2
-    return rows, pairs.to(tl.int64), halves
+        rows = block * ROWS + tl.arange(0, ROWS)
+    return rows
 
 
 @triton.jit
-def _piece_cols(START: tl.constexpr, WIDTH: tl.constexpr, SUB: tl.constexpr):
-    """Columns START .. START + WIDTH - 1 shaped (1, WIDTH / SUB, 1, SUB): sub-piece k, column c is
-    START + k SUB + c. A thread holds 4 consecutive columns of each sub-piece (the contiguity hint
-    caps 16-bit loads at 64 bits), so every piece of every width >= 128 has one register layout."""
-    k = tl.arange(0, WIDTH // SUB)[None, :, None, None]  # (1, K, 1, 1)
-    c = tl.max_contiguous(tl.arange(0, SUB), 4)[None, None, None, :]  # (1, 1, 1, SUB)
-    return START + k * SUB + c
+def _tile_mask(rows, n_rows, cols, n_cols, MASK_COLS: tl.constexpr):
+    """The elements of an (M, SUB) tile that exist: (M, 1), or (M, SUB) for a tile that crosses C."""
+    if MASK_COLS:
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    else:
+        mask = (rows < n_rows)[:, None]
+    return mask
 
 
 @triton.jit
-def _row_sum(x):
-    """(M, K, PAIR, SUB) -> (M, 1, PAIR, 1): the sum over a piece's columns."""
-    return tl.sum(tl.sum(x, axis=3, keep_dims=True), axis=1, keep_dims=True)
+def _load_param(ptr, rows, cols, n_cols, MASK_COLS: tl.constexpr):
+    """A (C,) parameter at cols as an (M, SUB) fp32 tile in the data's layout (each warp reads its
+    own copy; the two rows of a pair share it)."""
+    ptrs = ptr + (rows * 0)[:, None] + cols[None, :]  # (M, SUB)
+    if MASK_COLS:
+        return tl.load(ptrs, mask=(cols < n_cols)[None, :], other=0.0).to(tl.float32)
+    return tl.load(ptrs).to(tl.float32)
 
 
 @triton.jit
-def _load_param(ptr, cols, pairs, mask, MASKED: tl.constexpr):
-    """A (C,) parameter at cols (1, K, 1, SUB) as (M, K, 1, SUB) fp32, M = pairs' first dim: each
-    warp reads its own copy, and the two rows of a pair share the registers."""
-    cols = cols + (pairs * 0).to(tl.int32)  # (M, K, 1, SUB)
-    if MASKED:
-        return tl.load(ptr + cols, mask=mask & (pairs == pairs), other=0.0).to(tl.float32)
-    return tl.load(ptr + cols).to(tl.float32)
+def _philox_words(seed, pairs, cols):
+    """The 4 words (M, SUB) of the Philox4x32-7 calls of row pairs (M,) int64 and columns (SUB,):
+    counter (pair % 2^32, col // 4, STREAM_LAYERNORM, pair // 2^32). The 4 columns a thread holds
+    share a counter, and the compiler makes that call once; both rows of a pair use the words."""
+    zero = tl.zeros([pairs.shape[0], cols.shape[0]], tl.uint32)
+    return philox(seed, (pairs & 0xFFFFFFFF).to(tl.uint32)[:, None] + zero, (cols // 4).to(tl.uint32)[None, :] + zero,
+                  zero + STREAM_LAYERNORM, (pairs >> 32).to(tl.uint32)[:, None] + zero)
 
 
 @triton.jit
-def _fwd_piece(x_ptr, res_ptr, s_ptr, seed, pairs, halves, offs, cols, mask, threshold_hi, dropout_scale,
-               HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """s = residual + dropout(x) on one piece of the rows, in fp32 as stored (s is stored when new)."""
-    s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        # dropout(x) in x's dtype, as F.dropout returns it; then the add, as residual + F.dropout(x).
-        keep = _dropout_keep(seed, pairs, halves, cols, threshold_hi, s.shape)
-        s = (s * tl.where(keep, dropout_scale, 0.0)).to(x_ptr.dtype.element_ty).to(tl.float32)
-    if HAS_RESIDUAL:
-        s = (s + res).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + offs, s, mask=mask)
-        s = s.to(tl.float32)  # the statistics come from the value that backward reads
-    return s
-
-
-@triton.jit
-def _fwd_out(y_ptr, w_ptr, b_ptr, d, rstd, offs, cols, pairs, mask, mask_c, MASKED: tl.constexpr,
-             HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y = xhat * w + b on one piece, xhat = d * rstd with d = s - mean."""
-    y = d * rstd
-    if HAS_WEIGHT:
-        y = y * _load_param(w_ptr, cols, pairs, mask_c, MASKED)
-    if HAS_BIAS:
-        y = y + _load_param(b_ptr, cols, pairs, mask_c, MASKED)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+def _keep(w0, w1, w2, w3, rows, cols, threshold_hi, HALF: tl.constexpr):
+    """Keep mask (M, SUB) of rows (M,) and cols (SUB,) from their pairs' words: slice 4 (r % 2) + c % 4,
+    that is word 2 (r % 2) + (c % 4) // 2, high half when c is odd. HALF is r % 2 when every row has
+    the same (0 or 1), -1 otherwise. The compare runs on the slice moved to the top 16 bits, against
+    the threshold moved there too (threshold_hi)."""
+    low_quad = (cols % 4 < 2)[None, :]
+    if HALF == 0:
+        word = tl.where(low_quad, w0, w1)
+    elif HALF == 1:
+        word = tl.where(low_quad, w2, w3)
+    else:
+        word = tl.where((rows % 2 == 1)[:, None], tl.where(low_quad, w2, w3), tl.where(low_quad, w0, w1))
+    return tl.where((cols % 2 == 1)[None, :], word, word << 16) >= threshold_hi.to(tl.uint32)
 
 
 @triton.jit
 def _ln_fwd_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, seed_ptr,
     n_rows, n_cols, inv_cols, eps, threshold_hi, dropout_scale,
-    HEAD: tl.constexpr, TAIL: tl.constexpr, SUB: tl.constexpr, ROWS: tl.constexpr,
-    PAIR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SUB: tl.constexpr, NSUB: tl.constexpr, NFULL: tl.constexpr, ROWS: tl.constexpr, PAIR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, SAVE_STATS: tl.constexpr, EXACT_SUM: tl.constexpr,
 ):
-    # One program normalizes ROWS rows. A row is two pieces of power-of-two widths: the head, columns
-    # [0, HEAD) with HEAD <= C (no column mask), and the tail, columns [HEAD, HEAD + TAIL) masked at C
-    # (none when TAIL = 0); C = 384 is 256 + 128, so no lane holds a padding column. Each piece is
-    # (ROWS / PAIR, K, PAIR, SUB): a warp owns a pair of rows, whose sums stay in the warp.
-    tl.static_assert(ROWS * (HEAD + TAIL) <= 16384, "a program's block must fit in registers")
-    tl.static_assert(HEAD % SUB == 0 and TAIL % SUB == 0, "both pieces are made of whole sub-pieces")
-    rows, pairs, halves = _block_rows(tl.program_id(0), ROWS, PAIR)  # (M, 1, PAIR, 1)
-    mask_r = rows < n_rows
-    row_start = rows.to(tl.int64) * n_cols  # int64: addresses past 2^31 stay exact
+    # One program normalizes ROWS rows as tiles (M, SUB), M = ROWS / PAIR: tile (k, h) holds columns
+    # [k SUB, (k + 1) SUB) of rows 2 m + h (h = 0 alone when PAIR = 1). The first NFULL tiles lie
+    # inside C, the others are masked at C. Tuples hold the tiles, tile (k, h) at index k PAIR + h.
+    tl.static_assert(ROWS * NSUB * SUB <= 16384, "a program's rows must fit in registers")
+    pid = tl.program_id(0)
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    cols0 = tl.max_contiguous(tl.arange(0, SUB), 4)  # (SUB,): a thread holds 4 consecutive columns
+    rows = ()
+    for h in tl.static_range(PAIR):
+        rows = rows + (_block_rows(pid, h, ROWS, PAIR),)  # (M,) each
 
-    cols_h = _piece_cols(0, HEAD, SUB)  # (1, KH, 1, SUB)
-    offs_h = row_start + cols_h  # (M, KH, PAIR, SUB)
-    s_h = _fwd_piece(x_ptr, res_ptr, s_ptr, seed, pairs, halves, offs_h, cols_h, mask_r, threshold_hi,
-                     dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)
-    total = _row_sum(s_h)  # (M, 1, PAIR, 1)
-    if TAIL > 0:
-        cols_t = _piece_cols(HEAD, TAIL, SUB)  # (1, KT, 1, SUB)
-        mask_ct = cols_t < n_cols
-        mask_t = mask_r & mask_ct  # (M, KT, PAIR, SUB)
-        offs_t = row_start + cols_t
-        s_t = _fwd_piece(x_ptr, res_ptr, s_ptr, seed, pairs, halves, offs_t, cols_t, mask_t, threshold_hi,
-                         dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)  # 0 past C
-        total += _row_sum(s_t)
+    # s = residual + dropout(x) in fp32, as stored (s is stored when new).
+    s = ()
+    for k in tl.static_range(NSUB):
+        cols = k * SUB + cols0  # (SUB,)
+        for h in tl.static_range(PAIR):
+            if HAS_DROPOUT:
+                # The pair's call, written per row: one call feeding both rows' tiles gets another
+                # register layout from Triton (conversions); these two are merged later, by LLVM.
+                w0, w1, w2, w3 = _philox_words(seed, ((rows[h] & -2) >> 1).to(tl.int64), cols)  # (M, SUB)
+            offs = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]  # (M, SUB)
+            mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DROPOUT:
+                # dropout(x) in x's dtype, as F.dropout returns it; then the add, as residual + F.dropout(x).
+                keep = _keep(w0, w1, w2, w3, rows[h], cols, threshold_hi, h if PAIR == 2 else -1)
+                x = (x * tl.where(keep, dropout_scale, 0.0)).to(x_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_RESIDUAL:
+                x = (x + res).to(s_ptr.dtype.element_ty)
+                tl.store(s_ptr + offs, x, mask=mask)
+                x = x.to(tl.float32)  # the statistics come from the value that backward reads
+            s = s + (x,)
 
-    # Two passes: the mean, then the variance around it. The mean must be exact on a constant row
-    # (then s - mean = 0 and y = bias exactly, as PyTorch gives). With 16-bit s and C <= 2^(24 - p)
-    # (p the dtype's significand bits) the fp32 sum of a constant row is exact, and one correction
-    # step (Markstein) makes total / C correctly rounded: the row's value. Otherwise (fp32 s) the
-    # second pass also sums d = s - mean0 (exact when s is near mean0): mean = mean0 + mean(d),
-    # var = mean(d^2) - mean(d)^2, and a constant row, with d the same everywhere, gets its value.
-    mean = total * inv_cols  # (M, 1, PAIR, 1)
-    if EXACT_SUM:
-        mean = tl.fma(tl.fma(-mean, n_cols.to(tl.float32), total), inv_cols, mean)  # total / C, rounded once
-    d_h = s_h - mean
-    sum_dd = _row_sum(d_h * d_h)
-    if not EXACT_SUM:
-        sum_d = _row_sum(d_h)
-    if TAIL > 0:
-        d_t = tl.where(mask_t, s_t - mean, 0.0)
-        sum_dd += _row_sum(d_t * d_t)
+    # Per row: the mean, exact on a constant row (see the docstring), then the variance around it.
+    mean = ()
+    rstd = ()
+    for h in tl.static_range(PAIR):
+        total = tl.sum(s[h], axis=1)  # (M,)
+        for k in tl.static_range(1, NSUB):
+            total += tl.sum(s[k * PAIR + h], axis=1)
+        m = total * inv_cols
+        if EXACT_SUM:
+            m = tl.fma(tl.fma(-m, n_cols.to(tl.float32), total), inv_cols, m)  # total / C, rounded once
+        sum_dd = tl.zeros_like(m)
+        sum_d = tl.zeros_like(m)
+        for k in tl.static_range(NSUB):
+            d = s[k * PAIR + h] - m[:, None]
+            if k >= NFULL:
+                d = tl.where((k * SUB + cols0 < n_cols)[None, :], d, 0.0)
+            sum_dd += tl.sum(d * d, axis=1)
+            if not EXACT_SUM:
+                sum_d += tl.sum(d, axis=1)
+        var = sum_dd * inv_cols
         if not EXACT_SUM:
-            sum_d += _row_sum(d_t)
-    var = sum_dd * inv_cols
-    if not EXACT_SUM:
-        mean_d = sum_d * inv_cols
-        mean += mean_d
-        var = tl.maximum(var - mean_d * mean_d, 0.0)
-        d_h = s_h - mean
-        if TAIL > 0:
-            d_t = s_t - mean
-    rstd = tl.rsqrt(var + eps)  # (M, 1, PAIR, 1)
+            m_d = sum_d * inv_cols
+            m += m_d
+            var = tl.maximum(var - m_d * m_d, 0.0)
+        mean = mean + (m,)
+        rstd = rstd + (tl.rsqrt(var + eps),)
 
-    # y from d = s - mean with the mean stored, as backward computes xhat.
-    _fwd_out(y_ptr, w_ptr, b_ptr, d_h, rstd, offs_h, cols_h, pairs, mask_r, None, False, HAS_WEIGHT, HAS_BIAS)
-    if TAIL > 0:
-        _fwd_out(y_ptr, w_ptr, b_ptr, d_t, rstd, offs_t, cols_t, pairs, mask_t, mask_ct, True,
-                 HAS_WEIGHT, HAS_BIAS)
+    # y = xhat * w + b, with xhat = (s - mean) * rstd as backward computes it.
+    for k in tl.static_range(NSUB):
+        cols = k * SUB + cols0
+        if HAS_WEIGHT:
+            w = _load_param(w_ptr, rows[0], cols, n_cols, k >= NFULL)  # (M, SUB)
+        if HAS_BIAS:
+            b = _load_param(b_ptr, rows[0], cols, n_cols, k >= NFULL)
+        for h in tl.static_range(PAIR):
+            y = (s[k * PAIR + h] - mean[h][:, None]) * rstd[h][:, None]
+            if HAS_WEIGHT:
+                y = y * w
+            if HAS_BIAS:
+                y = y + b
+            offs = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty),
+                     mask=_tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL))
     if SAVE_STATS:
-        tl.store(mean_ptr + rows, mean, mask=mask_r)
-        tl.store(rstd_ptr + rows, rstd, mask=mask_r)
-
-
-@triton.jit
-def _bwd_store(dx_ptr, dres_ptr, ds, seed, pairs, halves, offs, cols, mask, threshold_hi, dropout_scale,
-               HAS_DROPOUT: tl.constexpr):
-    """Store dresidual = ds and dx = dropout's backward of ds (dx = ds without dropout), one piece."""
-    if HAS_DROPOUT:
-        tl.store(dres_ptr + offs, ds.to(dres_ptr.dtype.element_ty), mask=mask)
-        ds = ds * tl.where(_dropout_keep(seed, pairs, halves, cols, threshold_hi, ds.shape), dropout_scale, 0.0)
-    tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=mask)
+        for h in tl.static_range(PAIR):
+            tl.store(mean_ptr + rows[h], mean[h], mask=rows[h] < n_rows)
+            tl.store(rstd_ptr + rows[h], rstd[h], mask=rows[h] < n_rows)
 
 
 @triton.jit
 def _ln_bwd_kernel(
     dy_ptr, ds_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, seed_ptr, dx_ptr, dres_ptr, partial_ptr,
     n_rows, n_cols, inv_cols, threshold_hi, dropout_scale,
-    HEAD: tl.constexpr, TAIL: tl.constexpr, SUB: tl.constexpr, ROWS: tl.constexpr,
-    PAIR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_DS: tl.constexpr,
+    SUB: tl.constexpr, NSUB: tl.constexpr, NFULL: tl.constexpr, ROWS: tl.constexpr, PAIR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DS: tl.constexpr,
 ):
     # Program pid handles row blocks pid, pid + P, pid + 2P, ... (P = number of programs), so which
     # rows feed which partial sum, and in what order, depends only on the shape and P. dweight and
-    # dbias accumulate per element, in registers shaped as the pieces, and are reduced across rows
-    # once, after the loop: the loop itself has no reduction across warps.
-    tl.static_assert(ROWS * (HEAD + TAIL) <= 16384, "a program's block must fit in registers")
-    tl.static_assert(HEAD % SUB == 0 and TAIL % SUB == 0, "both pieces are made of whole sub-pieces")
+    # dbias accumulate per column in registers, (M, SUB) a tile (both rows of a pair summed in the
+    # thread), and are reduced across warps once, after the loop: the loop has no barrier.
+    # (Inside the loop, tile indices are written out as k * PAIR + h: a name assigned there would
+    # become a tensor, and tuples take constant indices only.)
+    tl.static_assert(ROWS * NSUB * SUB <= 16384, "a program's rows must fit in registers")
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rows, ROWS)
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    _, pairs0, _ = _block_rows(0, ROWS, PAIR)  # (M, 1, 1, 1): the shape the parameters take
-    # Accumulators (M, K, 1, SUB): the two rows of a pair are summed in the thread as they come.
-    cols_h = _piece_cols(0, HEAD, SUB)  # (1, KH, 1, SUB)
-    acc_dw_h = tl.zeros((ROWS // PAIR, HEAD // SUB, 1, SUB), dtype=tl.float32)
-    acc_db_h = tl.zeros((ROWS // PAIR, HEAD // SUB, 1, SUB), dtype=tl.float32)
-    if HAS_WEIGHT:
-        w_h = _load_param(w_ptr, cols_h, pairs0, None, False)  # (M, KH, 1, SUB)
-    if TAIL > 0:
-        cols_t = _piece_cols(HEAD, TAIL, SUB)  # (1, KT, 1, SUB)
-        mask_ct = cols_t < n_cols
-        acc_dw_t = tl.zeros((ROWS // PAIR, TAIL // SUB, 1, SUB), dtype=tl.float32)
-        acc_db_t = tl.zeros((ROWS // PAIR, TAIL // SUB, 1, SUB), dtype=tl.float32)
-        if HAS_WEIGHT:
-            w_t = _load_param(w_ptr, cols_t, pairs0, mask_ct, True)  # (M, KT, 1, SUB)
+    cols0 = tl.max_contiguous(tl.arange(0, SUB), 4)  # (SUB,)
+    acc_dw = ()
+    acc_db = ()
+    for k in tl.static_range(NSUB):
+        acc_dw = acc_dw + (tl.zeros([ROWS // PAIR, SUB], dtype=tl.float32),)
+        acc_db = acc_db + (tl.zeros([ROWS // PAIR, SUB], dtype=tl.float32),)
 
     for block in range(pid, n_blocks, n_progs):
-        rows, pairs, halves = _block_rows(block, ROWS, PAIR)  # (M, 1, PAIR, 1)
-        mask_r = rows < n_rows
-        row_start = rows.to(tl.int64) * n_cols
         # Every load of the block first, so their latencies overlap; masked lanes read 0.
-        offs_h = row_start + cols_h  # (M, KH, PAIR, SUB)
-        s_h = tl.load(s_ptr + offs_h, mask=mask_r, other=0.0).to(tl.float32)
-        dy_h = tl.load(dy_ptr + offs_h, mask=mask_r, other=0.0).to(tl.float32)
-        if HAS_DS:
-            ds_h = tl.load(ds_ptr + offs_h, mask=mask_r, other=0.0).to(tl.float32)
-        if TAIL > 0:
-            mask_t = mask_r & mask_ct  # (M, KT, PAIR, SUB)
-            offs_t = row_start + cols_t
-            s_t = tl.load(s_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            dy_t = tl.load(dy_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            if HAS_DS:
-                ds_t = tl.load(ds_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)  # (M, 1, PAIR, 1)
-        rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)  # (M, 1, PAIR, 1)
-
-        # Masked lanes have dy = 0 (and rstd = 0 on masked rows): they add nothing to any sum.
-        # ds = rstd dxhat + ds_in - rstd (mean(dxhat) + xhat mean(dxhat xhat)): the first two terms
-        # now, so ds_in is consumed as soon as it arrives (ptxas otherwise sinks its loads past the
-        # row sums, to where it is used).
-        xhat_h = (s_h - mean) * rstd
-        dxhat_h = dy_h * w_h if HAS_WEIGHT else dy_h
-        ds_h = dxhat_h * rstd + ds_h if HAS_DS else dxhat_h * rstd
-        if HAS_WEIGHT:
-            acc_dw_h += tl.sum(dy_h * xhat_h, axis=2, keep_dims=True)
-        if HAS_BIAS:
-            acc_db_h += tl.sum(dy_h, axis=2, keep_dims=True)
-        sum_dxx = _row_sum(dxhat_h * xhat_h)  # (M, 1, PAIR, 1)
-        sum_dx = _row_sum(dxhat_h)
-        if TAIL > 0:
-            xhat_t = (s_t - mean) * rstd
-            dxhat_t = dy_t * w_t if HAS_WEIGHT else dy_t
-            ds_t = dxhat_t * rstd + ds_t if HAS_DS else dxhat_t * rstd
+        rows = ()
+        offs = ()
+        s = ()
+        dy = ()
+        ds = ()
+        mean = ()
+        rstd = ()
+        for h in tl.static_range(PAIR):
+            rows = rows + (_block_rows(block, h, ROWS, PAIR),)
+        for k in tl.static_range(NSUB):
+            cols = k * SUB + cols0
+            for h in tl.static_range(PAIR):
+                o = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]  # (M, SUB)
+                mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
+                offs = offs + (o,)
+                s = s + (tl.load(s_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+                dy = dy + (tl.load(dy_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+                if HAS_DS:
+                    ds = ds + (tl.load(ds_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+        w = ()  # reloaded each block (from L1): 12 registers fewer to hold across the loop
+        for k in tl.static_range(NSUB):
             if HAS_WEIGHT:
-                acc_dw_t += tl.sum(dy_t * xhat_t, axis=2, keep_dims=True)
-            if HAS_BIAS:
-                acc_db_t += tl.sum(dy_t, axis=2, keep_dims=True)
-            sum_dxx += _row_sum(dxhat_t * xhat_t)
-            sum_dx += _row_sum(dxhat_t)
-        mean_dxx = sum_dxx * inv_cols
-        mean_dx = sum_dx * inv_cols
+                w = w + (_load_param(w_ptr, rows[0], k * SUB + cols0, n_cols, k >= NFULL),)  # (M, SUB)
+        for h in tl.static_range(PAIR):
+            mean = mean + (tl.load(mean_ptr + rows[h], mask=rows[h] < n_rows, other=0.0),)  # (M,)
+            rstd = rstd + (tl.load(rstd_ptr + rows[h], mask=rows[h] < n_rows, other=0.0),)
 
-        ds_h -= (mean_dx + xhat_h * mean_dxx) * rstd
-        _bwd_store(dx_ptr, dres_ptr, ds_h, seed, pairs, halves, offs_h, cols_h, mask_r, threshold_hi,
-                   dropout_scale, HAS_DROPOUT)
-        if TAIL > 0:
-            ds_t -= (mean_dx + xhat_t * mean_dxx) * rstd
-            _bwd_store(dx_ptr, dres_ptr, ds_t, seed, pairs, halves, offs_t, cols_t, mask_t, threshold_hi,
-                       dropout_scale, HAS_DROPOUT)
+        # ds = rstd dxhat + ds_in - rstd (mean(dxhat) + xhat mean(dxhat xhat)), the first two terms
+        # now, so ds_in is consumed as it arrives. Masked lanes have dy = 0 (and rstd = 0 on
+        # masked rows): they add nothing to any sum.
+        xhat = ()
+        dsum = ()
+        new_dw = ()
+        new_db = ()
+        for k in tl.static_range(NSUB):
+            dw_k = acc_dw[k]
+            db_k = acc_db[k]
+            for h in tl.static_range(PAIR):
+                xh = (s[k * PAIR + h] - mean[h][:, None]) * rstd[h][:, None]
+                dxh = dy[k * PAIR + h] * w[k] if HAS_WEIGHT else dy[k * PAIR + h]
+                part = dxh * rstd[h][:, None]
+                if HAS_DS:
+                    part += ds[k * PAIR + h]
+                xhat = xhat + (xh,)
+                dsum = dsum + (part,)
+                if HAS_WEIGHT:
+                    dw_k += dy[k * PAIR + h] * xh
+                if HAS_BIAS:
+                    db_k += dy[k * PAIR + h]
+            new_dw = new_dw + (dw_k,)
+            new_db = new_db + (db_k,)
+        acc_dw = new_dw
+        acc_db = new_db
+
+        # The row sums of dxhat * xhat and dxhat over each row's tiles.
+        mean_dxx = ()
+        mean_dx = ()
+        for h in tl.static_range(PAIR):
+            sum_dxx = tl.zeros_like(mean[h])
+            sum_dx = tl.zeros_like(mean[h])
+            for k in tl.static_range(NSUB):
+                dxh = dy[k * PAIR + h] * w[k] if HAS_WEIGHT else dy[k * PAIR + h]
+                sum_dxx += tl.sum(dxh * xhat[k * PAIR + h], axis=1)
+                sum_dx += tl.sum(dxh, axis=1)
+            mean_dxx = mean_dxx + ((sum_dxx * inv_cols)[:, None],)  # (M, 1)
+            mean_dx = mean_dx + ((sum_dx * inv_cols)[:, None],)
+
+        for k in tl.static_range(NSUB):
+            cols = k * SUB + cols0
+            for h in tl.static_range(PAIR):
+                d = dsum[k * PAIR + h] - (mean_dx[h] + xhat[k * PAIR + h] * mean_dxx[h]) * rstd[h][:, None]
+                mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
+                if HAS_DROPOUT:
+                    tl.store(dres_ptr + offs[k * PAIR + h], d.to(dres_ptr.dtype.element_ty), mask=mask)
+                    w0, w1, w2, w3 = _philox_words(seed, ((rows[h] & -2) >> 1).to(tl.int64), cols)  # as forward
+                    keep = _keep(w0, w1, w2, w3, rows[h], cols, threshold_hi, h if PAIR == 2 else -1)
+                    d = d * tl.where(keep, dropout_scale, 0.0)
+                tl.store(dx_ptr + offs[k * PAIR + h], d.to(dx_ptr.dtype.element_ty), mask=mask)
 
     # This program's partial sums: row pid of the (P, K, C) buffer, dweight then dbias (K = 2), or
-    # whichever of them there is (K = 1).
-    if HAS_WEIGHT:
-        out = partial_ptr + pid * (1 + HAS_BIAS) * n_cols
-        tl.store(out + cols_h, _col_sum(acc_dw_h))
-        if TAIL > 0:
-            tl.store(out + cols_t, _col_sum(acc_dw_t), mask=mask_ct)
-    if HAS_BIAS:
-        out = partial_ptr + (pid * (1 + HAS_WEIGHT) + HAS_WEIGHT) * n_cols
-        tl.store(out + cols_h, _col_sum(acc_db_h))
-        if TAIL > 0:
-            tl.store(out + cols_t, _col_sum(acc_db_t), mask=mask_ct)
-
-
-@triton.jit
-def _col_sum(x):
-    """(M, K, 1, SUB) -> (1, K, 1, SUB): the sum over a piece's rows (across warps)."""
-    return tl.sum(x, axis=0, keep_dims=True)
+    # whichever of them there is (K = 1); the sums across the program's warps happen here, once.
+    for k in tl.static_range(NSUB):
+        cols = k * SUB + cols0
+        mask_c = cols < n_cols
+        if HAS_WEIGHT:
+            tl.store(partial_ptr + pid * (1 + HAS_BIAS) * n_cols + cols, tl.sum(acc_dw[k], axis=0), mask=mask_c)
+        if HAS_BIAS:
+            out = partial_ptr + (pid * (1 + HAS_WEIGHT) + HAS_WEIGHT) * n_cols
+            tl.store(out + cols, tl.sum(acc_db[k], axis=0), mask=mask_c)
 
 
 @triton.jit
@@ -384,44 +373,43 @@ def _ln_bwd_reduce_kernel(partial_ptr, dw_ptr, db_ptr, n_progs, n_cols,
 @triton.jit
 def _dropout_mask_kernel(seed_ptr, keep_ptr, row0, n_rows, n_cols, threshold_hi,
                          BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    # The same helper as the forward and backward kernels; the bits depend on (seed, row, col) only.
+    # The same helpers as the forward and backward kernels; the bits depend on (seed, row, col) only.
     # Row i of the output is row row0 + i of x (row0 > 0 only in the tests: rows past 2^32).
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
     mask = (offs_r < n_rows)[:, None] & (cols < n_cols)[None, :]  # (ROWS, BLOCK_C)
-    rows = row0 + offs_r.to(tl.int64)[:, None]  # (ROWS, 1)
-    keep = _dropout_keep(tl.load(seed_ptr), rows // 2, rows % 2, cols[None, :], threshold_hi, mask.shape)
+    rows = row0 + offs_r.to(tl.int64)  # (ROWS,)
+    w0, w1, w2, w3 = _philox_words(tl.load(seed_ptr), rows // 2, cols)
+    keep = _keep(w0, w1, w2, w3, rows, cols, threshold_hi, -1)  # (ROWS, BLOCK_C)
     tl.store(keep_ptr + offs_r.to(tl.int64)[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
 class _Config(NamedTuple):
-    head: int  # the head piece's width: the largest power of two <= C
-    tail: int  # the tail piece's width (0 when C is a power of two): see _config
+    sub: int  # columns a tile holds: 128 (32 lanes x 4), fewer for narrow rows, more for wide ones
     rows: int  # rows a program holds
     num_warps: int
 
-    def meta(self) -> dict:
-        """The kernels' shape constexprs and num_warps."""
-        return dict(HEAD=self.head, TAIL=self.tail, SUB=min(self.head, _SUB), ROWS=self.rows,
+    def meta(self, n_cols: int) -> dict:
+        """The kernels' shape constexprs for width n_cols, and num_warps."""
+        return dict(SUB=self.sub, NSUB=triton.cdiv(n_cols, self.sub), NFULL=n_cols // self.sub, ROWS=self.rows,
                     PAIR=2 if self.rows % 2 == 0 else 1, num_warps=self.num_warps)
 
 
 def _config(n_cols: int) -> _Config:
-    """Pieces, rows and warps for a width: about 8192 elements a program, padding included, and 32
-    a thread from 512 to 4096 columns (pairs of rows), 16 otherwise (narrow pieces replicate
-    more; a single row's register needs grow with the width).
+    """Tiles, rows and warps for a width (C padded to a power of two, P below).
 
-    The tail is C - head rounded up to a power of two, and at least min(head, 128): then both pieces
-    are made of sub-pieces of one width, min(head, 128), and share one register layout. For C = 384:
-    pieces of 256 and 128, 16 rows, 8 warps: a warp to a pair of rows, 24 values of each a thread.
+    P <= 512: tiles of min(P, 128) columns, 8192 elements a program (padding included) and 16 a
+    thread, 32 at P = 512 (C = 384: 3 tiles of 128, 16 rows, 8 warps: a warp to a pair of rows, 24
+    values a thread, no padding). Wider rows: one or two rows a program, tiles of 128 columns a
+    warp with every warp along the row, 8 or 16 values a thread (32 at C = 16384).
     """
-    head = 1 << (n_cols.bit_length() - 1)
-    tail = max(triton.next_power_of_2(n_cols - head), min(head, _SUB)) if n_cols > head else 0
-    width = triton.next_power_of_2(head + tail)
-    rows = max(1, min(64, 8192 // width))
-    per_thread = 32 if 512 <= width <= 4096 else 16
-    num_warps = max(1, min(16, rows * width // (32 * per_thread)))
-    return _Config(head, tail, rows, num_warps)
+    width = triton.next_power_of_2(n_cols)
+    if width <= 512:
+        rows = min(64, 8192 // width)
+        num_warps = max(1, min(16, rows * width // (32 * (32 if width == 512 else 16))))
+        return _Config(min(width, 128), rows, num_warps)
+    num_warps = 8 if width <= 1024 else 16
+    return _Config(min(width, 128 * num_warps), 2 if width <= 4096 else 1, num_warps)
 
 
 def _max_regs(num_warps: int) -> int:
@@ -504,7 +492,7 @@ def _ln_forward(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stat
         n_rows, n_cols, 1.0 / n_cols, eps, threshold << 16, scale,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual,
         HAS_DROPOUT=has_dropout, SAVE_STATS=save_stats, EXACT_SUM=_exact_sum(x2d.dtype, n_cols),
-        maxnreg=_max_regs(cfg.num_warps), **cfg.meta(),
+        maxnreg=_max_regs(cfg.num_warps), **cfg.meta(n_cols),
     )
     return y, s, mean, rstd
 
@@ -527,12 +515,11 @@ def _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t):
         return dx, dres, dweight, dbias
     cfg = _config(n_cols)
     n_sums = (weight is not None) + (bias is not None)
-    # 16-bit rows of 128 to 512 columns in pairs (the model's C = 384) fit 128 registers a thread:
+    # 16-bit rows of 2 or 3 tiles of 128 in pairs (the model's C = 384) fit 128 registers a thread:
     # capped there, two 8-warp programs share an SM, so one's loads hide behind the other's math.
-    fits_128 = (cfg.rows % 2 == 0 and _SUB <= cfg.head and cfg.head + cfg.tail <= 512
-                and s2d.element_size() == 2)
+    fits_128 = cfg.rows % 2 == 0 and cfg.sub == 128 and 128 < n_cols <= 384 and s2d.element_size() == 2
     meta = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-                HAS_DS=ds2d is not None, maxnreg=128 if fits_128 else _max_regs(cfg.num_warps), **cfg.meta())
+                HAS_DS=ds2d is not None, maxnreg=128 if fits_128 else _max_regs(cfg.num_warps), **cfg.meta(n_cols))
     threshold, _, scale = dropout_threshold(dropout_p)
     args = [dy2d, ds2d, s2d, weight, mean, rstd, seed_t, dx, dres, mean if n_sums else None,
             n_rows, n_cols, 1.0 / n_cols, threshold << 16, scale]

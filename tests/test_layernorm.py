@@ -321,11 +321,11 @@ def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
     assert torch.equal(ln.dropout_keep_mask(5, 3, n_cols, p, device), want[:3])
     assert torch.equal(ln.dropout_keep_mask(torch.tensor(5), n_rows, n_cols, p, device), want)
     x, r = torch.ones(n_rows, n_cols, device=device), torch.zeros(n_rows, n_cols, device=device)
-    # Pieces of 32 + 32 columns (the default for C = 33) and 16 + 32, with one row a program (no
-    # pairs), or four or eight (pairs of rows in a thread; 37 rows end in half a pair); the mask
-    # kernel's own column blocks of 8, 32 and 64.
-    for cfg, (block_c, rows) in [(ln._Config(32, 32, 1, 1), (8, 1)), (ln._Config(16, 32, 4, 2), (32, 4)),
-                                 (ln._Config(32, 32, 8, 4), (64, 16))]:
+    # Tiles of 32 columns (two, the second masked past C), 16 (three) or 64 (one), with one row a
+    # program (no pairs), or four or eight (pairs of rows in a thread; 37 rows end in half a pair);
+    # the mask kernel's own column blocks of 8, 32 and 64.
+    for cfg, (block_c, rows) in [(ln._Config(32, 1, 1), (8, 1)), (ln._Config(16, 4, 2), (32, 4)),
+                                 (ln._Config(64, 8, 4), (64, 16))]:
         monkeypatch.setattr(ln, "_config", lambda c, cfg=cfg: cfg)
         monkeypatch.setattr(ln, "_mask_config", lambda c, bc=block_c, rs=rows: (bc, rs))
         tiling = f"{cfg}, mask BLOCK_C={block_c}, ROWS={rows}"
