@@ -17,9 +17,9 @@ it, and a mean that is exact on a constant row (then y = bias exactly, as PyTorc
   everywhere, so mean is its value. On rows with a large mean and a small spread the mean is
   then nearly correctly rounded.
 
-Measured at (16384, 384) bf16 (sm_90): the Markstein step costs 7 instructions a program of 16
-rows; the corrected second pass (the fp32 scheme) would cost 114. xhat is computed from the
-rounded fp32 mean in both directions, so forward and backward agree.
+Measured at (16384, 384) bf16 for sm_90 against a plain two-pass mean: the Markstein step costs
+7 instructions a program of 16 rows, the corrected second pass (the fp32 scheme) 114. xhat is
+computed from the rounded fp32 mean in both directions, so forward and backward agree.
 
 Backward, with dy the upstream gradient and dxhat = dy * w (dy when there is no weight):
 
