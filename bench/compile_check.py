@@ -39,7 +39,7 @@ shapes (attention bf16 (B, T, H, D) = (64, 256, 6, 64), causal: the forward with
 with lse at dropout 0, and without lse (eval); the backward (dQ, whose kernel also computes delta,
 then dK/dV) at dropout 0.2 and 0. LayerNorm over (16384, 384) bf16 with fp32 weight and bias, as under autocast: layer_norm
 and add_layer_norm forward (stats saved; the latter with and without dropout) and the backward with
-the flags the model uses; the dweight/dbias partials are summed by torch, not by a Triton kernel)
+the flags the model uses, and the kernel that sums the dweight/dbias partials)
 and reads each variant's SASS (cuobjdump -sass, from Triton's package):
 
 - registers, spill bytes (ptxas -v), shared memory (what the launch requests), block, warps, stages;
@@ -171,6 +171,7 @@ class Recorder:
             return None
 
         JITFunction.run = record
+        self.original_run = original  # what a stand-in that must compile for real calls
         try:
             yield self
         finally:
@@ -417,13 +418,19 @@ def capture_cost(rec: Recorder, group: str, quick: bool):
     # (call, dropout, ds): add_layer_norm's s feeds the next block, except after the last block (ln_f).
     bwd = [("add_layer_norm backward, dropout, ds", True, True), ("layer_norm backward", False, False),
            ("add_layer_norm backward, dropout (ln_f)", True, False), ("add_layer_norm backward, ds", False, True)]
-    # The backward grid is sized by the SM count, which the launcher reads off the device: an H100's.
-    sm_count = getattr(L, "_sm_count", None)
-    if sm_count is not None:
-        L._sm_count = lambda device: H100_SMS
+    # The backward grid is what fits on the GPU at once: the launcher compiles the kernel and reads its
+    # registers and shared memory. Here the same rule (_blocks_per_sm) runs on the kernel compiled
+    # offline, for an H100's SMs.
+    bwd_programs = getattr(L, "_bwd_programs", None)
+    if bwd_programs is not None and hasattr(L, "_blocks_per_sm"):
+        def h100_programs(n_blocks, args, meta, device):
+            res = _offline_resources(rec, L._ln_bwd_kernel, args, meta)
+            return max(1, min(n_blocks, H100_SMS * L._blocks_per_sm(res["regs"], res["shared"], res["num_warps"])))
+
+        L._bwd_programs = h100_programs
     else:
-        print("compile_check: warning: kernels/layernorm.py has no _sm_count(device) to stand in for: the "
-              "backward's grid is what its launcher picks on the CPU, not an H100's (update capture_cost)")
+        print("compile_check: warning: kernels/layernorm.py has no _bwd_programs/_blocks_per_sm to stand in for: "
+              "the backward's grid is what its launcher picks on the CPU, not an H100's (update capture_cost)")
     try:
         for call, mode in fwd[:1] if quick else fwd:
             rec.call, rec.case = call, _ln_fwd_label("bf16", "fp32", C, True, True, mode, True, "model")
@@ -432,8 +439,25 @@ def capture_cost(rec: Recorder, group: str, quick: bool):
             rec.call, rec.case = call, _ln_bwd_label("bf16", "fp32", C, True, True, dropout, has_ds, "model")
             _ln_backward_call(x, res, w, b, p if dropout else 0.0, has_ds, seed_t)
     finally:
-        if sm_count is not None:
-            L._sm_count = sm_count
+        if bwd_programs is not None:
+            L._bwd_programs = bwd_programs
+
+
+def _offline_resources(rec: Recorder, fn, args, kwargs) -> dict:
+    """Registers, shared memory and warps of fn compiled for sm_90 with these arguments (during a
+    capture: through the JITFunction.run the recorder stands in for, against the offline driver)."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+    driver.set_active(OfflineDriver())  # as the compile step sets it; there is no other driver to go back to
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log), warnings.catch_warnings():
+        knobs.nvidia.dump_ptxas_log = True
+        warnings.simplefilter("ignore")
+        kernel = rec.original_run(fn, *args, grid=None, warmup=True, **kwargs)
+        if hasattr(kernel, "result"):  # an async-compile future
+            kernel = kernel.result()
+    res = resource_usage(log.getvalue(), kernel.asm["cubin"])
+    return dict(regs=res["regs"], shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps)
 
 
 # The calls one training step makes (6 blocks: attention and two add_layer_norm each; the first
@@ -662,6 +686,11 @@ def _trips_ln_bwd(a, pid):
     return (_range_len(pid[0], -(-a.n_rows // a.ROWS), a.grid[0]),)
 
 
+def _trips_ln_bwd_reduce(a, pid):
+    """One loop over the backward's P partial rows, BLOCK_P at a time."""
+    return (_range_len(0, a.n_progs, a.BLOCK_P),)
+
+
 def _no_loop(a, pid):
     return ()
 
@@ -673,6 +702,7 @@ TRIP_MODELS = {
     "_dropout_mask_kernel": _no_loop,  # both ops' (attention's and layer norm's)
     "_ln_fwd_kernel": _no_loop,
     "_ln_bwd_kernel": _trips_ln_bwd,
+    "_ln_bwd_reduce_kernel": _trips_ln_bwd_reduce,
 }
 
 

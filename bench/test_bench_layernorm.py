@@ -62,9 +62,9 @@ def _op_fn(op: str, provider: str):
 
 
 def _bytes(op: str, mode: str, n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
-    """Compulsory bytes read + written (weight and bias in x's dtype, mean/rstd fp32)."""
+    """Compulsory bytes read + written (weight and bias fp32, as the model holds them; mean/rstd fp32)."""
     act = n_rows * n_cols * dtype.itemsize  # one (rows, C) tensor
-    param = n_cols * dtype.itemsize  # one (C,) tensor
+    param = n_cols * 4  # one (C,) fp32 tensor
     stats = 2 * n_rows * 4  # mean and rstd
     n_act_fwd, n_act_bwd = (2, 3) if op == "layer_norm" else (4, 5)  # x,y | x,dy,dx  /  x,r,y,s | s,dy,ds,dx,dres
     fwd = n_act_fwd * act + 2 * param + stats  # read weight, bias
@@ -81,8 +81,9 @@ def test_bench_layernorm(benchmark, op, provider, mode, shape, dtype):
     device = torch.device("cuda")
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)  # (rows, C)
     r = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)  # (rows, C)
-    w = (1 + 0.1 * torch.randn(n_cols, device=device)).to(dtype).requires_grad_()  # (C,)
-    b = (0.1 * torch.randn(n_cols, device=device)).to(dtype).requires_grad_()  # (C,)
+    # The model's parameters: fp32 weight and bias whatever the activations' dtype (as under autocast).
+    w = (1 + 0.1 * torch.randn(n_cols, device=device)).requires_grad_()  # (C,) fp32
+    b = (0.1 * torch.randn(n_cols, device=device)).requires_grad_()  # (C,) fp32
     leaves = [x, w, b] + ([r] if op == "add_layer_norm" else [])
     f = _op_fn(op, provider)
 

@@ -5,34 +5,67 @@ The math (over one row of C values, all in fp32):
     mean = sum(s) / C          rstd = 1 / sqrt(sum((s - mean)^2) / C + eps)
     xhat = (s - mean) * rstd   y = xhat * w + b
 
+s is the value stored, rounded to the compute dtype, which is also what backward reads: the
+statistics come from it, not from the unrounded sum. Two passes, the mean then the variance around
+it, and a mean that is exact on a constant row (then y = bias exactly, as PyTorch gives):
+
+- 16-bit s (C <= 2^(24 - p), p the significand's bits: any C for bf16, C <= 8192 for fp16): the
+  fp32 sum of C equal values is exact, and one Markstein step, mean += (sum - mean C) / C with the
+  remainder taken by an fma, makes mean = sum / C correctly rounded, so the row's value;
+- fp32 s: the second pass also sums d = s - mean0 (exact when s is near mean0, mean0 = sum / C):
+  mean = mean0 + sum(d) / C and var = sum(d^2) / C - (sum(d) / C)^2. A constant row has d the same
+  everywhere, so mean is its value. On rows with a large mean and a small spread the mean is
+  then nearly correctly rounded.
+
+Measured at (16384, 384) bf16 for sm_90 against a plain two-pass mean: the Markstein step costs
+7 instructions a program of 16 rows, the corrected second pass (the fp32 scheme) 114. xhat is
+computed from the rounded fp32 mean in both directions, so forward and backward agree.
+
 Backward, with dy the upstream gradient and dxhat = dy * w (dy when there is no weight):
 
     dweight = sum over rows of dy * xhat        dbias = sum over rows of dy
     ds = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))  (+ the gradient that reaches s
                                                                     directly, from its later use)
-    dresidual = ds             dx = ds * keep / (1 - p)   (dx = ds without dropout)
+    dresidual = ds             dx = ds * keep * scale   (dx = ds without dropout)
 
 The two means come from differentiating through mean and rstd: d(mean)/ds = 1/C and
 d(rstd)/ds = -rstd^3 (s - mean) / C, which collapse to the mean(dxhat) and xhat * mean(dxhat * xhat)
 terms. Only mean and rstd (fp32, one each per row) are saved; xhat is recomputed from s.
 
-dweight and dbias are reduced without atomics: the backward grid has a fixed number of programs,
-each walks a fixed set of row blocks and keeps fp32 partial sums in registers, writes one row of
-partials, and one torch .sum over those rows finishes the job. Same device, same bits, every run.
+Layout. A program holds ROWS rows as 2D tiles (M, SUB), M = ROWS / 2: tile (k, h) is columns
+[k SUB, (k + 1) SUB) of rows 2m + h, for the pairs m of the program's rows (one row per pair when
+a program holds a single row). C = 384 is 3 tiles of 128 by 2 rows: no lane holds a padding column
+(a tile that crosses C is masked). Each thread holds 4 consecutive columns of a tile, and the same
+columns of both rows of its pair; a warp owns a pair, so every row sum stays inside the warp
+(shuffles: no shared memory, no barrier). The tiles live in tuples: every tile of every width has
+the same 2D layout, which Triton chooses the same way in every version (a layout with a dimension
+per tile index would hang on how a Triton release orders dimensions of equal contiguity).
 
-Dropout bits are not stored: backward draws them again with the forward's helper, `_dropout_keep`,
-which `dropout_keep_mask` runs too. Philox (tl.randint4x, the generator behind tl.rand) returns four
-32-bit words per counter. Element (row, col) of x viewed as (rows, C) takes word col % 4 of counter
-row * ceil(C / 4) + col // 4, mapped to [0, 1) as tl.rand does, and is kept when that is >= p. One
-Philox call thus serves four columns, and the bits depend on (seed, row, col) only, never on ROWS,
-BLOCK_C or the grid. The counter is an int64 (Philox takes its low and high halves as two of its
-32-bit counters), so it never wraps.
+dweight and dbias are reduced without atomics. The backward grid has as many programs as fit on
+the GPU at once (from the compiled kernel's registers and shared memory). Each walks a fixed set
+of row blocks, accumulating dy * xhat and dy per column in registers; after its last block it
+sums them across its warps and writes one row of the (P, 2, C) partials. One small kernel sums
+those over P in a fixed order and casts to the parameters' dtype. Same device, same bits, every run.
+
+Dropout (kernels.dropout's generator: Philox4x32-7 keyed by the 64-bit seed, 16-bit slices against
+an integer threshold, p quantized to 1/65536 and scale = 1 / (1 - that p)). Element (r, c) of x
+viewed as (rows, C) is kept when slice 4 (r % 2) + c % 4 of the Philox call on counter
+
+    (c0, c1, c2, c3) = ((r // 2) % 2^32, c // 4, STREAM_LAYERNORM, (r // 2) // 2^32)
+
+is >= the threshold; slice j is the low (j even) or high (j odd) half of word j // 2. One call thus
+serves a 2 x 4 block, rows 2m and 2m + 1 by columns 4q to 4q + 3: exactly what a thread holds, so
+each call is made once (the compiler merges the two rows' identical calls), in the data's register
+layout, for real columns only (a column past C never takes a call a real column needs). The bits
+depend on (seed, row, col) only, never on the tiles, ROWS or the grid; no other op uses the
+STREAM_LAYERNORM counters. Backward draws the bits again with the same helpers (`_philox_words`,
+`_keep`), which `dropout_keep_mask` runs too. dropout(x) is rounded to x's dtype before the add, as
+residual + F.dropout(x) rounds it.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -41,172 +74,403 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._common import check_dropout_p, check_float_tensor, seed_tensor
+from kernels.dropout import STREAM_LAYERNORM, dropout_threshold, philox
 
 MAX_COLS = 16384  # a row lives in registers (<= 32 fp32 values a thread per tensor at 16 warps)
-_PROGRAMS_PER_SM = 4  # backward programs per SM; a fixed count keeps the dweight/dbias order fixed
-_INTERPRETER_SMS = 2  # the "SM count" used off the GPU (Triton's interpreter)
+_INTERPRETER_PROGRAMS = 8  # backward programs off the GPU (Triton's interpreter): a small fixed count
+_MAX_BLOCKS_PER_SM = 32  # the most resident blocks one SM holds (sm_80 to sm_90)
 
 
 @triton.jit
-def _dropout_keep(seed, rows, offs_g, n_groups, dropout_p):
-    """Bool keep mask (len(rows), 4 * len(offs_g)) for int64 row indices rows and column groups offs_g.
+def _block_rows(block, h, ROWS: tl.constexpr, PAIR: tl.constexpr):
+    """Rows (M,) of row block `block`, M = ROWS / PAIR: with PAIR = 2, rows 2 m + h of its pairs m."""
+    if PAIR == 2:
+        rows = 2 * (block * (ROWS // 2) + tl.arange(0, ROWS // 2)) + h
+    else:
+        rows = block * ROWS + tl.arange(0, ROWS)
+    return rows
 
-    n_groups = ceil(C / 4); column 4 g + w is kept when word w of counter row * n_groups + g is >= p.
-    Columns past C draw counters that belong to the next row; callers mask them out.
-    """
-    counter = rows[:, None] * n_groups + offs_g[None, :]  # (ROWS, BLOCK_C / 4) int64
-    r0, r1, r2, r3 = tl.rand4x(seed, counter)
-    # [r0, r2] and [r1, r3] interleaved, then interleaved again: column 4 g + w holds word w of group g.
-    u = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # (ROWS, BLOCK_C)
-    return u >= dropout_p
+
+@triton.jit
+def _tile_mask(rows, n_rows, cols, n_cols, MASK_COLS: tl.constexpr):
+    """The elements of an (M, SUB) tile that exist: (M, 1), or (M, SUB) for a tile that crosses C."""
+    if MASK_COLS:
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    else:
+        mask = (rows < n_rows)[:, None]
+    return mask
+
+
+@triton.jit
+def _load_param(ptr, rows, cols, n_cols, MASK_COLS: tl.constexpr):
+    """A (C,) parameter at cols as an (M, SUB) fp32 tile in the data's layout (each warp reads its
+    own copy; the two rows of a pair share it)."""
+    ptrs = ptr + (rows * 0)[:, None] + cols[None, :]  # (M, SUB)
+    if MASK_COLS:
+        return tl.load(ptrs, mask=(cols < n_cols)[None, :], other=0.0).to(tl.float32)
+    return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def _philox_words(seed, pairs, cols):
+    """The 4 words (M, SUB) of the Philox4x32-7 calls of row pairs (M,) int64 and columns (SUB,):
+    counter (pair % 2^32, col // 4, STREAM_LAYERNORM, pair // 2^32). The 4 columns a thread holds
+    share a counter, and the compiler makes that call once; both rows of a pair use the words."""
+    zero = tl.zeros([pairs.shape[0], cols.shape[0]], tl.uint32)
+    return philox(seed, (pairs & 0xFFFFFFFF).to(tl.uint32)[:, None] + zero, (cols // 4).to(tl.uint32)[None, :] + zero,
+                  zero + STREAM_LAYERNORM, (pairs >> 32).to(tl.uint32)[:, None] + zero)
+
+
+@triton.jit
+def _keep(w0, w1, w2, w3, rows, cols, threshold_hi, HALF: tl.constexpr):
+    """Keep mask (M, SUB) of rows (M,) and cols (SUB,) from their pairs' words: slice 4 (r % 2) + c % 4,
+    that is word 2 (r % 2) + (c % 4) // 2, high half when c is odd. HALF is r % 2 when every row has
+    the same (0 or 1), -1 otherwise. The compare runs on the slice moved to the top 16 bits, against
+    the threshold moved there too (threshold_hi)."""
+    low_quad = (cols % 4 < 2)[None, :]
+    if HALF == 0:
+        word = tl.where(low_quad, w0, w1)
+    elif HALF == 1:
+        word = tl.where(low_quad, w2, w3)
+    else:
+        word = tl.where((rows % 2 == 1)[:, None], tl.where(low_quad, w2, w3), tl.where(low_quad, w0, w1))
+    return tl.where((cols % 2 == 1)[None, :], word, word << 16) >= threshold_hi.to(tl.uint32)
 
 
 @triton.jit
 def _ln_fwd_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, seed_ptr,
-    n_rows, n_cols, eps, dropout_p, dropout_scale,
-    BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+    n_rows, n_cols, inv_cols, eps, threshold_hi, dropout_scale,
+    SUB: tl.constexpr, NSUB: tl.constexpr, NFULL: tl.constexpr, ROWS: tl.constexpr, PAIR: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, SAVE_STATS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SAVE_STATS: tl.constexpr, EXACT_SUM: tl.constexpr,
 ):
-    # One program normalizes ROWS rows held as a [ROWS, BLOCK_C] block.
-    tl.static_assert(ROWS * BLOCK_C <= 16384, "a program's block must fit in registers")
-    tl.static_assert(BLOCK_C % 4 == 0, "a block holds whole groups of four columns (dropout bits)")
+    # One program normalizes ROWS rows as tiles (M, SUB), M = ROWS / PAIR: tile (k, h) holds columns
+    # [k SUB, (k + 1) SUB) of rows 2 m + h (h = 0 alone when PAIR = 1). The first NFULL tiles lie
+    # inside C, the others are masked at C. Tuples hold the tiles, tile (k, h) at index k PAIR + h.
+    tl.static_assert(ROWS * NSUB * SUB <= 16384, "a program's rows must fit in registers")
     pid = tl.program_id(0)
-    offs_r = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-    mask_r = offs_r < n_rows
-    mask_c = offs_c < n_cols
-    mask = mask_r[:, None] & mask_c[None, :]  # (ROWS, BLOCK_C)
-    # Element index row * C + col in int64: addresses past 2^31 stay exact.
-    offs = offs_r.to(tl.int64)[:, None] * n_cols + offs_c[None, :]  # (ROWS, BLOCK_C)
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    cols0 = tl.max_contiguous(tl.arange(0, SUB), 4)  # (SUB,): a thread holds 4 consecutive columns
+    rows = ()
+    for h in tl.static_range(PAIR):
+        rows = rows + (_block_rows(pid, h, ROWS, PAIR),)  # (M,) each
 
-    # s = residual + dropout(x) in fp32 (just x for a plain layer norm); masked lanes hold 0.
-    s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        offs_g = tl.arange(0, BLOCK_C // 4)  # (BLOCK_C / 4,)
-        keep = _dropout_keep(tl.load(seed_ptr), offs_r.to(tl.int64), offs_g, (n_cols + 3) // 4, dropout_p)
-        s = tl.where(keep, s * dropout_scale, 0.0)
-    if HAS_RESIDUAL:
-        s += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+    # s = residual + dropout(x) in fp32, as stored (s is stored when new).
+    s = ()
+    for k in tl.static_range(NSUB):
+        cols = k * SUB + cols0  # (SUB,)
+        for h in tl.static_range(PAIR):
+            if HAS_DROPOUT:
+                # The pair's call, written per row: one call feeding both rows' tiles gets another
+                # register layout from Triton (conversions); these two are merged later, by LLVM.
+                w0, w1, w2, w3 = _philox_words(seed, ((rows[h] & -2) >> 1).to(tl.int64), cols)  # (M, SUB)
+            offs = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]  # (M, SUB)
+            mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DROPOUT:
+                # dropout(x) in x's dtype, as F.dropout returns it; then the add, as residual + F.dropout(x).
+                keep = _keep(w0, w1, w2, w3, rows[h], cols, threshold_hi, h if PAIR == 2 else -1)
+                x = (x * tl.where(keep, dropout_scale, 0.0)).to(x_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_RESIDUAL:
+                x = (x + res).to(s_ptr.dtype.element_ty)
+                tl.store(s_ptr + offs, x, mask=mask)
+                x = x.to(tl.float32)  # the statistics come from the value that backward reads
+            s = s + (x,)
 
-    mean = tl.sum(s, axis=1) / n_cols  # (ROWS,)
-    xc = tl.where(mask, s - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / n_cols
-    rstd = tl.rsqrt(var + eps)  # (ROWS,)
-    y = xc * rstd[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    # Per row: the mean, exact on a constant row (see the docstring), then the variance around it.
+    mean = ()
+    rstd = ()
+    for h in tl.static_range(PAIR):
+        total = tl.sum(s[h], axis=1)  # (M,)
+        for k in tl.static_range(1, NSUB):
+            total += tl.sum(s[k * PAIR + h], axis=1)
+        m = total * inv_cols
+        if EXACT_SUM:
+            m = tl.fma(tl.fma(-m, n_cols.to(tl.float32), total), inv_cols, m)  # total / C, rounded once
+        sum_dd = tl.zeros_like(m)
+        sum_d = tl.zeros_like(m)
+        for k in tl.static_range(NSUB):
+            d = s[k * PAIR + h] - m[:, None]
+            if k >= NFULL:
+                d = tl.where((k * SUB + cols0 < n_cols)[None, :], d, 0.0)
+            sum_dd += tl.sum(d * d, axis=1)
+            if not EXACT_SUM:
+                sum_d += tl.sum(d, axis=1)
+        var = sum_dd * inv_cols
+        if not EXACT_SUM:
+            m_d = sum_d * inv_cols
+            m += m_d
+            var = tl.maximum(var - m_d * m_d, 0.0)
+        mean = mean + (m,)
+        rstd = rstd + (tl.rsqrt(var + eps),)
+
+    # y = xhat * w + b, with xhat = (s - mean) * rstd as backward computes it.
+    for k in tl.static_range(NSUB):
+        cols = k * SUB + cols0
+        if HAS_WEIGHT:
+            w = _load_param(w_ptr, rows[0], cols, n_cols, k >= NFULL)  # (M, SUB)
+        if HAS_BIAS:
+            b = _load_param(b_ptr, rows[0], cols, n_cols, k >= NFULL)
+        for h in tl.static_range(PAIR):
+            y = (s[k * PAIR + h] - mean[h][:, None]) * rstd[h][:, None]
+            if HAS_WEIGHT:
+                y = y * w
+            if HAS_BIAS:
+                y = y + b
+            offs = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty),
+                     mask=_tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL))
     if SAVE_STATS:
-        tl.store(mean_ptr + offs_r, mean, mask=mask_r)
-        tl.store(rstd_ptr + offs_r, rstd, mask=mask_r)
+        for h in tl.static_range(PAIR):
+            tl.store(mean_ptr + rows[h], mean[h], mask=rows[h] < n_rows)
+            tl.store(rstd_ptr + rows[h], rstd[h], mask=rows[h] < n_rows)
 
 
 @triton.jit
 def _ln_bwd_kernel(
-    dy_ptr, ds_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, seed_ptr,
-    dx_ptr, dres_ptr, dw_partial_ptr, db_partial_ptr,
-    n_rows, n_cols, dropout_p, dropout_scale,
-    BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_DS: tl.constexpr,
+    dy_ptr, ds_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, seed_ptr, dx_ptr, dres_ptr, partial_ptr,
+    n_rows, n_cols, inv_cols, threshold_hi, dropout_scale,
+    SUB: tl.constexpr, NSUB: tl.constexpr, NFULL: tl.constexpr, ROWS: tl.constexpr, PAIR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DS: tl.constexpr,
 ):
     # Program pid handles row blocks pid, pid + P, pid + 2P, ... (P = number of programs), so which
-    # rows feed which partial sum, and in what order, depends only on the shape and P.
-    tl.static_assert(ROWS * BLOCK_C <= 16384, "a program's block must fit in registers")
-    tl.static_assert(BLOCK_C % 4 == 0, "a block holds whole groups of four columns (dropout bits)")
+    # rows feed which partial sum, and in what order, depends only on the shape and P. dweight and
+    # dbias accumulate per column in registers, (M, SUB) a tile (both rows of a pair summed in the
+    # thread), and are reduced across warps once, after the loop: the loop has no barrier.
+    # (Inside the loop, tile indices are written out as k * PAIR + h: a name assigned there would
+    # become a tensor, and tuples take constant indices only.)
+    tl.static_assert(ROWS * NSUB * SUB <= 16384, "a program's rows must fit in registers")
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rows, ROWS)
-    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-    mask_c = offs_c < n_cols
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # (BLOCK_C,)
-        acc_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_BIAS:
-        acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        offs_g = tl.arange(0, BLOCK_C // 4)  # (BLOCK_C / 4,)
-        n_groups = (n_cols + 3) // 4
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    cols0 = tl.max_contiguous(tl.arange(0, SUB), 4)  # (SUB,)
+    acc_dw = ()
+    acc_db = ()
+    for k in tl.static_range(NSUB):
+        acc_dw = acc_dw + (tl.zeros([ROWS // PAIR, SUB], dtype=tl.float32),)
+        acc_db = acc_db + (tl.zeros([ROWS // PAIR, SUB], dtype=tl.float32),)
 
     for block in range(pid, n_blocks, n_progs):
-        offs_r = block * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-        mask_r = offs_r < n_rows
-        mask = mask_r[:, None] & mask_c[None, :]  # (ROWS, BLOCK_C)
-        offs = offs_r.to(tl.int64)[:, None] * n_cols + offs_c[None, :]  # (ROWS, BLOCK_C)
+        # Every load of the block first, so their latencies overlap; masked lanes read 0.
+        rows = ()
+        offs = ()
+        s = ()
+        dy = ()
+        ds = ()
+        mean = ()
+        rstd = ()
+        for h in tl.static_range(PAIR):
+            rows = rows + (_block_rows(block, h, ROWS, PAIR),)
+        for k in tl.static_range(NSUB):
+            cols = k * SUB + cols0
+            for h in tl.static_range(PAIR):
+                o = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]  # (M, SUB)
+                mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
+                offs = offs + (o,)
+                s = s + (tl.load(s_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+                dy = dy + (tl.load(dy_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+                if HAS_DS:
+                    ds = ds + (tl.load(ds_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+        w = ()  # reloaded each block (from L1): 12 registers fewer to hold across the loop
+        for k in tl.static_range(NSUB):
+            if HAS_WEIGHT:
+                w = w + (_load_param(w_ptr, rows[0], k * SUB + cols0, n_cols, k >= NFULL),)  # (M, SUB)
+        for h in tl.static_range(PAIR):
+            mean = mean + (tl.load(mean_ptr + rows[h], mask=rows[h] < n_rows, other=0.0),)  # (M,)
+            rstd = rstd + (tl.load(rstd_ptr + rows[h], mask=rows[h] < n_rows, other=0.0),)
 
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + offs_r, mask=mask_r, other=0.0)
-        rstd = tl.load(rstd_ptr + offs_r, mask=mask_r, other=0.0)
-        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        # ds = rstd dxhat + ds_in - rstd (mean(dxhat) + xhat mean(dxhat xhat)), the first two terms
+        # now, so ds_in is consumed as it arrives. Masked lanes have dy = 0 (and rstd = 0 on
+        # masked rows): they add nothing to any sum.
+        xhat = ()
+        dsum = ()
+        new_dw = ()
+        new_db = ()
+        for k in tl.static_range(NSUB):
+            dw_k = acc_dw[k]
+            db_k = acc_db[k]
+            for h in tl.static_range(PAIR):
+                xh = (s[k * PAIR + h] - mean[h][:, None]) * rstd[h][:, None]
+                dxh = dy[k * PAIR + h] * w[k] if HAS_WEIGHT else dy[k * PAIR + h]
+                part = dxh * rstd[h][:, None]
+                if HAS_DS:
+                    part += ds[k * PAIR + h]
+                xhat = xhat + (xh,)
+                dsum = dsum + (part,)
+                if HAS_WEIGHT:
+                    dw_k += dy[k * PAIR + h] * xh
+                if HAS_BIAS:
+                    db_k += dy[k * PAIR + h]
+            new_dw = new_dw + (dw_k,)
+            new_db = new_db + (db_k,)
+        acc_dw = new_dw
+        acc_db = new_db
+
+        # The row sums of dxhat * xhat and dxhat over each row's tiles.
+        mean_dxx = ()
+        mean_dx = ()
+        for h in tl.static_range(PAIR):
+            sum_dxx = tl.zeros_like(mean[h])
+            sum_dx = tl.zeros_like(mean[h])
+            for k in tl.static_range(NSUB):
+                dxh = dy[k * PAIR + h] * w[k] if HAS_WEIGHT else dy[k * PAIR + h]
+                sum_dxx += tl.sum(dxh * xhat[k * PAIR + h], axis=1)
+                sum_dx += tl.sum(dxh, axis=1)
+            mean_dxx = mean_dxx + ((sum_dxx * inv_cols)[:, None],)  # (M, 1)
+            mean_dx = mean_dx + ((sum_dx * inv_cols)[:, None],)
+
+        for k in tl.static_range(NSUB):
+            cols = k * SUB + cols0
+            for h in tl.static_range(PAIR):
+                d = dsum[k * PAIR + h] - (mean_dx[h] + xhat[k * PAIR + h] * mean_dxx[h]) * rstd[h][:, None]
+                mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
+                if HAS_DROPOUT:
+                    tl.store(dres_ptr + offs[k * PAIR + h], d.to(dres_ptr.dtype.element_ty), mask=mask)
+                    w0, w1, w2, w3 = _philox_words(seed, ((rows[h] & -2) >> 1).to(tl.int64), cols)  # as forward
+                    keep = _keep(w0, w1, w2, w3, rows[h], cols, threshold_hi, h if PAIR == 2 else -1)
+                    d = d * tl.where(keep, dropout_scale, 0.0)
+                tl.store(dx_ptr + offs[k * PAIR + h], d.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    # This program's partial sums: row pid of the (P, K, C) buffer, dweight then dbias (K = 2), or
+    # whichever of them there is (K = 1); the sums across the program's warps happen here, once.
+    for k in tl.static_range(NSUB):
+        cols = k * SUB + cols0
+        mask_c = cols < n_cols
         if HAS_WEIGHT:
-            dxhat = dy * w[None, :]
-            acc_dw += tl.sum(dy * xhat, axis=0)
-        else:
-            dxhat = dy
+            tl.store(partial_ptr + pid * (1 + HAS_BIAS) * n_cols + cols, tl.sum(acc_dw[k], axis=0), mask=mask_c)
         if HAS_BIAS:
-            acc_db += tl.sum(dy, axis=0)
-        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / n_cols  # (ROWS,)
-        mean_dxhat = tl.sum(dxhat, axis=1) / n_cols  # (ROWS,)
-        ds = (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * rstd[:, None]
-        if HAS_DS:
-            ds += tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offs_r.to(tl.int64), offs_g, n_groups, dropout_p)
-            tl.store(dres_ptr + offs, ds.to(dres_ptr.dtype.element_ty), mask=mask)
-            tl.store(dx_ptr + offs, tl.where(keep, ds * dropout_scale, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=mask)
-
-    if HAS_WEIGHT:
-        tl.store(dw_partial_ptr + pid * n_cols + offs_c, acc_dw, mask=mask_c)
-    if HAS_BIAS:
-        tl.store(db_partial_ptr + pid * n_cols + offs_c, acc_db, mask=mask_c)
+            out = partial_ptr + (pid * (1 + HAS_WEIGHT) + HAS_WEIGHT) * n_cols
+            tl.store(out + cols, tl.sum(acc_db[k], axis=0), mask=mask_c)
 
 
 @triton.jit
-def _dropout_mask_kernel(seed_ptr, keep_ptr, n_rows, n_cols, dropout_p,
-                         BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    # The same helper as the forward and backward kernels; the bits depend on (seed, row, col) only.
-    tl.static_assert(BLOCK_C % 4 == 0, "a block holds whole groups of four columns")
+def _ln_bwd_reduce_kernel(partial_ptr, dw_ptr, db_ptr, n_progs, n_cols,
+                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Sums a strip of BLOCK_N columns of the (P, K, C) partials (K = 2 with weight and bias) over P,
+    # BLOCK_P rows at a time, always in the same order; casts to the parameters' dtype on the store.
     pid = tl.program_id(0)
-    offs_r = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-    mask = (offs_r < n_rows)[:, None] & (offs_c < n_cols)[None, :]  # (ROWS, BLOCK_C)
-    offs = offs_r.to(tl.int64)[:, None] * n_cols + offs_c[None, :]  # (ROWS, BLOCK_C)
-    offs_g = tl.arange(0, BLOCK_C // 4)  # (BLOCK_C / 4,)
-    keep = _dropout_keep(tl.load(seed_ptr), offs_r.to(tl.int64), offs_g, (n_cols + 3) // 4, dropout_p)
-    tl.store(keep_ptr + offs, keep.to(tl.int8), mask=mask)
+    n_total = (HAS_WEIGHT + HAS_BIAS) * n_cols
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    mask_n = offs_n < n_total
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start_p in range(0, n_progs, BLOCK_P):
+        offs_p = start_p + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
+        mask = (offs_p < n_progs)[:, None] & mask_n[None, :]  # (BLOCK_P, BLOCK_N)
+        acc += tl.load(partial_ptr + offs_p[:, None] * n_total + offs_n[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)  # (BLOCK_N,)
+    if HAS_WEIGHT:
+        tl.store(dw_ptr + offs_n, total.to(dw_ptr.dtype.element_ty), mask=offs_n < n_cols)
+    if HAS_BIAS:
+        offs_b = offs_n - n_cols if HAS_WEIGHT else offs_n  # (BLOCK_N,)
+        tl.store(db_ptr + offs_b, total.to(db_ptr.dtype.element_ty), mask=mask_n & (offs_b >= 0))
 
 
-def _config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_C, ROWS, num_warps) for a width: about 4096 elements a program, 16 a thread at most.
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, keep_ptr, row0, n_rows, n_cols, threshold_hi,
+                         BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    # The same helpers as the forward and backward kernels; the bits depend on (seed, row, col) only.
+    # Row i of the output is row row0 + i of x (row0 > 0 only in the tests: rows past 2^32).
+    offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    mask = (offs_r < n_rows)[:, None] & (cols < n_cols)[None, :]  # (ROWS, BLOCK_C)
+    rows = row0 + offs_r.to(tl.int64)  # (ROWS,)
+    w0, w1, w2, w3 = _philox_words(tl.load(seed_ptr), rows // 2, cols)
+    keep = _keep(w0, w1, w2, w3, rows, cols, threshold_hi, -1)  # (ROWS, BLOCK_C)
+    tl.store(keep_ptr + offs_r.to(tl.int64)[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=mask)
 
-    BLOCK_C is at least 4: the dropout bits come in groups of four columns.
+
+class _Config(NamedTuple):
+    sub: int  # columns a tile holds: 128 (32 lanes x 4), fewer for narrow rows, more for wide ones
+    rows: int  # rows a program holds
+    num_warps: int
+
+    def meta(self, n_cols: int) -> dict:
+        """The kernels' shape constexprs for width n_cols, and num_warps."""
+        return dict(SUB=self.sub, NSUB=triton.cdiv(n_cols, self.sub), NFULL=n_cols // self.sub, ROWS=self.rows,
+                    PAIR=2 if self.rows % 2 == 0 else 1, num_warps=self.num_warps)
+
+
+def _config(n_cols: int) -> _Config:
+    """Tiles, rows and warps for a width (C padded to a power of two, P below).
+
+    P <= 512: tiles of min(P, 128) columns, 8192 elements a program (padding included) and 16 a
+    thread, 32 at P = 512 (C = 384: 3 tiles of 128, 16 rows, 8 warps: a warp to a pair of rows, 24
+    values a thread, no padding). Wider rows: one or two rows a program, tiles of 128 columns a
+    warp with every warp along the row, 8 or 16 values a thread (32 at C = 16384).
     """
-    block_c = max(4, triton.next_power_of_2(n_cols))
-    rows = max(1, min(64, 4096 // block_c))
-    num_warps = max(1, min(16, rows * block_c // 512))
-    return block_c, rows, num_warps
+    width = triton.next_power_of_2(n_cols)
+    if width <= 512:
+        rows = min(64, 8192 // width)
+        num_warps = max(1, min(16, rows * width // (32 * (32 if width == 512 else 16))))
+        return _Config(min(width, 128), rows, num_warps)
+    num_warps = 8 if width <= 1024 else 16
+    return _Config(min(width, 128 * num_warps), 2 if width <= 4096 else 1, num_warps)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_SMS
+def _max_regs(num_warps: int) -> int:
+    """Registers a thread may use in a block of num_warps (an SM has 65536; ptxas allows 255).
+
+    Passed as maxnreg: without it, ptxas (CUDA 12.8) held some of these kernels to 48 or 64
+    registers and spilled.
+    """
+    return min(255, 65536 // (32 * num_warps))
 
 
-def _bwd_programs(n_rows: int, n_cols: int, device: torch.device) -> int:
-    """Backward grid size: a few programs per SM, never more than there are row blocks."""
-    _, rows, _ = _config(n_cols)
-    return max(1, min(triton.cdiv(n_rows, rows), _PROGRAMS_PER_SM * _sm_count(device)))
+def _exact_sum(dtype: torch.dtype, n_cols: int) -> bool:
+    """Whether the fp32 sum of C equal values of dtype is exact: 16-bit dtypes, C <= 2^(24 - p)."""
+    significand = {torch.float16: 11, torch.bfloat16: 8}.get(dtype)
+    return significand is not None and n_cols <= 2 ** (24 - significand)
+
+
+def _mask_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_C, ROWS) of dropout_keep_mask's kernel: column blocks of up to 256, 1024 elements (8 a
+    thread: every element makes its own Philox call here)."""
+    block_c = min(256, triton.next_power_of_2(n_cols))
+    return block_c, max(1, 1024 // block_c)
+
+
+def _blocks_per_sm(n_regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536,
+                   smem_per_sm: int = 233472, threads_per_sm: int = 2048) -> int:
+    """How many blocks of a compiled kernel one SM holds at once (defaults: an sm_90 SM).
+
+    Registers are allocated 256 a warp; each block also takes 1 KB of shared memory for the system.
+    """
+    regs_per_warp = -(-n_regs * 32 // 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps)
+    by_warps = threads_per_sm // (32 * num_warps)
+    by_smem = smem_per_sm // (shared + 1024)
+    return max(1, min(by_regs, by_warps, by_smem, _MAX_BLOCKS_PER_SM))
+
+
+_RESIDENT: dict = {}  # (device, configuration) -> backward programs that fit on the device at once
+
+
+def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) -> int:
+    """Backward grid size: as many programs as fit on the device at once, never more than row blocks.
+
+    On a GPU, from the compiled kernel's registers and shared memory (_blocks_per_sm) times the
+    SMs, computed once per device and configuration: one wave keeps every program busy to the end,
+    and a fixed count keeps the order of the dweight/dbias sums fixed. Off the GPU (Triton's
+    interpreter), a small fixed count.
+    """
+    if device.type != "cuda":
+        return max(1, min(n_blocks, _INTERPRETER_PROGRAMS))
+    key = (device, tuple(sorted(meta.items())),
+           tuple(a.dtype if isinstance(a, Tensor) else type(a) for a in args))
+    if key not in _RESIDENT:
+        kernel = _ln_bwd_kernel.warmup(*args, grid=(1,), **meta)
+        kernel._init_handles()  # loads the binary: n_regs becomes known
+        props = torch.cuda.get_device_properties(device)
+        per_sm = _blocks_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps,
+                                getattr(props, "regs_per_multiprocessor", 65536),
+                                props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor)
+        _RESIDENT[key] = per_sm * props.multi_processor_count
+    return max(1, min(n_blocks, _RESIDENT[key]))
 
 
 def _ln_forward(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stats):
@@ -221,13 +485,14 @@ def _ln_forward(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stat
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device) if save_stats else None  # (rows,)
     if n_rows == 0:
         return y, s, mean, rstd
-    block_c, rows, num_warps = _config(n_cols)
-    _ln_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+    cfg = _config(n_cols)
+    threshold, _, scale = dropout_threshold(dropout_p)
+    _ln_fwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
         x2d, residual2d, weight, bias, y, s, mean, rstd, seed_t,
-        n_rows, n_cols, eps, dropout_p, 1.0 / (1.0 - dropout_p),
-        BLOCK_C=block_c, ROWS=rows,
+        n_rows, n_cols, 1.0 / n_cols, eps, threshold << 16, scale,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual,
-        HAS_DROPOUT=has_dropout, SAVE_STATS=save_stats, num_warps=num_warps,
+        HAS_DROPOUT=has_dropout, SAVE_STATS=save_stats, EXACT_SUM=_exact_sum(x2d.dtype, n_cols),
+        maxnreg=_max_regs(cfg.num_warps), **cfg.meta(n_cols),
     )
     return y, s, mean, rstd
 
@@ -237,29 +502,37 @@ def _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t):
 
     s2d is what was normalized (x for layer_norm); ds2d the gradient that reaches s directly, or
     None. dresidual is None when it equals dx (no dropout); dweight/dbias are None without a
-    weight/bias and otherwise in the parameter's dtype. bias is read only for its dtype.
+    weight/bias and otherwise in the parameter's dtype.
     """
     n_rows, n_cols = s2d.shape
     has_dropout = dropout_p > 0.0
     dx = torch.empty_like(s2d)  # (rows, C)
     dres = torch.empty_like(s2d) if has_dropout else None  # (rows, C)
-    n_progs = _bwd_programs(n_rows, n_cols, s2d.device)
-    # Every program writes its row of partials; with no rows there is no launch, hence zeros.
-    new = torch.empty if n_rows > 0 else torch.zeros
-    dw_partial = new(n_progs, n_cols, dtype=torch.float32, device=s2d.device) if weight is not None else None  # (P, C)
-    db_partial = new(n_progs, n_cols, dtype=torch.float32, device=s2d.device) if bias is not None else None  # (P, C)
-    if n_rows > 0:
-        block_c, rows, num_warps = _config(n_cols)
-        _ln_bwd_kernel[(n_progs,)](
-            dy2d, ds2d, s2d, weight, mean, rstd, seed_t,
-            dx, dres, dw_partial, db_partial,
-            n_rows, n_cols, dropout_p, 1.0 / (1.0 - dropout_p),
-            BLOCK_C=block_c, ROWS=rows,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-            HAS_DS=ds2d is not None, num_warps=num_warps,
+    new = torch.empty if n_rows > 0 else torch.zeros  # with no rows there is no launch: zero sums
+    dweight = new(n_cols, dtype=weight.dtype, device=s2d.device) if weight is not None else None  # (C,)
+    dbias = new(n_cols, dtype=bias.dtype, device=s2d.device) if bias is not None else None  # (C,)
+    if n_rows == 0:
+        return dx, dres, dweight, dbias
+    cfg = _config(n_cols)
+    n_sums = (weight is not None) + (bias is not None)
+    # 16-bit rows of 2 or 3 tiles of 128 in pairs (the model's C = 384) fit 128 registers a thread:
+    # capped there, two 8-warp programs share an SM, so one's loads hide behind the other's math.
+    fits_128 = cfg.rows % 2 == 0 and cfg.sub == 128 and 128 < n_cols <= 384 and s2d.element_size() == 2
+    meta = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
+                HAS_DS=ds2d is not None, maxnreg=128 if fits_128 else _max_regs(cfg.num_warps), **cfg.meta(n_cols))
+    threshold, _, scale = dropout_threshold(dropout_p)
+    args = [dy2d, ds2d, s2d, weight, mean, rstd, seed_t, dx, dres, mean if n_sums else None,
+            n_rows, n_cols, 1.0 / n_cols, threshold << 16, scale]
+    # The partials' stand-in while sizing the grid: mean, an fp32 tensor aligned as the buffer is.
+    n_progs = _bwd_programs(triton.cdiv(n_rows, cfg.rows), tuple(args), meta, s2d.device)
+    if n_sums:
+        args[9] = torch.empty(n_progs, n_sums, n_cols, dtype=torch.float32, device=s2d.device)  # (P, K, C)
+    _ln_bwd_kernel[(n_progs,)](*args, **meta)
+    if n_sums:
+        _ln_bwd_reduce_kernel[(triton.cdiv(n_sums * n_cols, 64),)](
+            args[9], dweight, dbias, n_progs, n_cols, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_P=32, BLOCK_N=64, num_warps=4,
         )
-    dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None  # (C,)
-    dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None  # (C,)
     return dx, dres, dweight, dbias
 
 
@@ -373,9 +646,11 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0, seed=None):
     """(y, s) with s = residual + dropout(x) and y = layer_norm(s, weight, bias, eps).
 
-    Dropout keeps an element with probability 1 - dropout_p and scales it by 1 / (1 - dropout_p);
-    its bits depend only on seed (an int, a 1-element integer tensor, or None to draw one from
-    torch's generator) and the element's (row, col) in x viewed as (rows, C): see dropout_keep_mask.
+    Dropout drops an element with probability p_eff = round(dropout_p * 65536) / 65536 (dropout_p
+    quantized to 1/65536: kernels.dropout.dropout_threshold) and scales the kept ones by
+    1 / (1 - p_eff); its bits depend only on seed (an int below 2^63, a 1-element integer tensor, or
+    None to draw one from torch's generator) and the element's (row, col) in x viewed as (rows, C):
+    see dropout_keep_mask.
     """
     n_cols = _check(x, residual, weight, bias, eps)
     eps = float(eps)
@@ -393,16 +668,21 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
 def dropout_keep_mask(seed, n_rows, n_cols, dropout_p, device):
     """The bool (n_rows, n_cols) mask of elements add_layer_norm keeps for this seed and p.
 
-    Drawn by the kernels' own helper: (row, col) is kept when word col % 4 of Philox counter
-    row * ceil(n_cols / 4) + col // 4 (key seed), mapped to [0, 1) as tl.rand does, is >= p.
+    Drawn by the kernels' own helper (see the module docstring for the layout): exactly what
+    add_layer_norm's forward and backward apply to x viewed as (n_rows, n_cols).
     """
     dropout_p = check_dropout_p(dropout_p)
-    device = torch.device(device)
+    return _keep_mask(seed, 0, n_rows, n_cols, dropout_p, torch.device(device))
+
+
+def _keep_mask(seed, row0, n_rows, n_cols, dropout_p, device):
+    """dropout_keep_mask for rows row0 .. row0 + n_rows - 1 (the tests reach rows past 2^32)."""
     seed_t = seed_tensor(seed, device)  # (1,) int64
     keep = torch.empty(n_rows, n_cols, dtype=torch.int8, device=device)  # (rows, C)
     if n_rows * n_cols > 0:
-        block_c, rows, num_warps = _config(n_cols)
-        _dropout_mask_kernel[(triton.cdiv(n_rows, rows),)](
-            seed_t, keep, n_rows, n_cols, dropout_p, BLOCK_C=block_c, ROWS=rows, num_warps=num_warps,
+        block_c, rows = _mask_config(n_cols)
+        _dropout_mask_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block_c))](
+            seed_t, keep, row0, n_rows, n_cols, dropout_threshold(dropout_p).threshold << 16,
+            BLOCK_C=block_c, ROWS=rows, num_warps=4,
         )
     return keep != 0

@@ -11,6 +11,9 @@ import torch
 DEFAULT_DATA_PATH = Path("data") / "input.txt"
 # The char-rnn repository's copy, the data set's well-known public home.
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# Copies of the same file that may already lie on this machine, tried before the network: the
+# project's own machines (CI among them, which has no network) keep one beside the checkout.
+LOCAL_COPIES = (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt",)
 
 
 class DataError(Exception):
@@ -18,12 +21,13 @@ class DataError(Exception):
 
 
 def load_text(path: str | Path, download_if_missing: bool = False) -> str:
-    """Read a UTF-8 text file; when it is missing and download_if_missing, fetch tiny Shakespeare."""
+    """Read a UTF-8 text file; when it is missing and download_if_missing, fetch tiny Shakespeare
+    (from a local copy in LOCAL_COPIES when there is one, else from DATA_URL)."""
     path = Path(path)
     if not path.exists():
         if not download_if_missing:
             raise DataError(f"data file {path} does not exist")
-        _download(path)
+        _fetch(path)
     if path.is_dir():
         raise DataError(f"data path {path} is a directory, not a text file")
     try:
@@ -37,18 +41,24 @@ def load_text(path: str | Path, download_if_missing: bool = False) -> str:
     return text
 
 
-def _download(path: Path) -> None:
-    print(f"{path} not found: downloading tiny Shakespeare from {DATA_URL}", file=sys.stderr)
+def _fetch(path: Path) -> None:
+    local = next((copy for copy in LOCAL_COPIES if copy.is_file()), None)
+    source = local or DATA_URL
+    print(f"{path} not found: {'copying' if local else 'downloading'} tiny Shakespeare from {source}",
+          file=sys.stderr)
     try:
-        with urllib.request.urlopen(DATA_URL, timeout=30) as response:
-            payload = response.read()
+        if local:
+            payload = local.read_bytes()
+        else:
+            with urllib.request.urlopen(DATA_URL, timeout=30) as response:
+                payload = response.read()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".part")
         tmp.write_bytes(payload)
         tmp.replace(path)
     except OSError as e:
         raise DataError(
-            f"could not download tiny Shakespeare ({e}); put the text file at {path} "
+            f"could not {'copy' if local else 'download'} tiny Shakespeare ({e}); put the text file at {path} "
             f"or pass --data PATH"
         ) from None
 

@@ -7,11 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels import layernorm as ln
 from kernels import reference as ref
+from kernels.dropout import STREAM_LAYERNORM, dropout_threshold
 from tests.conftest import DTYPES, assert_matches_reference
+from tests.test_dropout import M32, _seed_words, _slices_np, philox_np
 
 SHAPES = [
     pytest.param((1, 3), id="1x3"),
@@ -36,15 +39,17 @@ def _run(fn, tensors, cotangents):
     return [o.detach() for o in outs], [t.grad if t is not None else None for t in leaves]
 
 
-def _compare(kernel_fn, ref_fn, tensors, cotangents, out_names, in_names):
-    """Kernel vs reference (float64), with the reference in the kernel's dtypes as the yardstick."""
+def _compare(kernel_fn, ref_fn, tensors, cotangents, out_names, in_names, torch_fn=None):
+    """Kernel vs reference (float64), with the same computation in the kernel's dtypes as the
+    yardstick: ref_fn itself, or torch_fn (PyTorch's own op) when given."""
     out_dtype = tensors[0].dtype
     outs, grads = _run(kernel_fn, tensors, cotangents)
     outs64, grads64 = _run(ref_fn, [t.double() if t is not None else None for t in tensors],
                            [c.double() if c is not None else None for c in cotangents])
     # Same computation in the kernel's dtypes; outputs cast to x's dtype as the kernel stores them
     # (fp32 parameters would otherwise promote them).
-    outs_kd, grads_kd = _run(lambda *a: tuple(o.to(out_dtype) for o in _as_tuple(ref_fn(*a))),
+    torch_fn = torch_fn or ref_fn
+    outs_kd, grads_kd = _run(lambda *a: tuple(o.to(out_dtype) for o in _as_tuple(torch_fn(*a))),
                              tensors, cotangents)
     for name, o, o64, okd in zip(out_names, outs, outs64, outs_kd):
         assert_matches_reference(name, o, o64, okd)
@@ -101,6 +106,85 @@ def test_layer_norm_without_weight_or_bias(affine, dtype, device):
     _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"])
 
 
+def _hard_rows(kind, shape, dtype, device):
+    """Rows that are hard on the statistics, in dtype: "constant" rows (each its own value, of
+    magnitude 500 to 1000, so that a sum of C of them rounds in fp32), or "large-mean" rows (such a
+    mean and a spread of 16 units in the last place of 1000 in dtype, so the mean cancels all but a
+    few bits)."""
+    rows, C = shape
+    ulp = torch.finfo(dtype).eps * 512  # the spacing of dtype's values in [512, 1024)
+    mean = (500 + 500 * torch.rand(rows, 1, device=device)) * torch.randn(rows, 1, device=device).sign()
+    spread = 0.0 if kind == "constant" else 16 * ulp * torch.randn(rows, C, device=device)
+    return (mean.expand(rows, C) + spread).to(dtype)  # (rows, C)
+
+
+def _torch_layer_norm(x, w=None, b=None):
+    return F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
+
+
+def _torch_add_layer_norm(x, r, w=None, b=None):
+    s = r + x
+    return F.layer_norm(s, s.shape[-1:], w, b, 1e-5), s
+
+
+HARD_SHAPES = [pytest.param((24, 384), id="24x384"), pytest.param((5, 1000), id="5x1000")]
+
+
+@pytest.mark.parametrize("kind", ["constant", "large-mean"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", HARD_SHAPES)
+def test_layer_norm_hard_rows(shape, dtype, kind, device):
+    """Constant rows and rows with a large mean and a tiny spread, against float64, no worse than
+    twice PyTorch's own F.layer_norm in dtype (the reference ops in half precision overflow rstd^3
+    in backward on such rows). On constant rows PyTorch returns the bias exactly, and so must we."""
+    x = _hard_rows(kind, shape, dtype, device)
+    _, w, b = _inputs(shape, dtype, device)
+    dy = torch.randn(shape, device=device).to(dtype)
+    _compare(kernels.layer_norm, ref.layer_norm, [x, w, b], [dy], ["y"], ["dx", "dweight", "dbias"],
+             torch_fn=_torch_layer_norm)
+    if kind == "constant":
+        assert torch.equal(kernels.layer_norm(x, w, b), b.expand(shape)), "y != bias on constant rows"
+
+
+@pytest.mark.parametrize("kind", ["constant", "large-mean", "sub-ulp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", HARD_SHAPES)
+def test_add_layer_norm_hard_rows(shape, dtype, kind, device):
+    """Constant rows as the residual, and x = 0 (constant), a spread of 16 units in the last place
+    of the residual (large-mean) or of a quarter of one (sub-ulp, where s is mostly the rounding of
+    r + x). s is rounded to dtype when stored: the statistics must come from the stored s, which is
+    what backward reads."""
+    r = _hard_rows("constant", shape, dtype, device)  # (rows, C)
+    ulp = torch.finfo(dtype).eps * 512  # of r's values in [512, 1024)
+    spread = {"constant": 0.0, "large-mean": 16 * ulp, "sub-ulp": ulp / 4}[kind]
+    x = (spread * torch.randn(shape, device=device)).to(dtype)  # (rows, C)
+    _, w, b = _inputs(shape, dtype, device)
+    dy, ds = torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+    _compare(kernels.add_layer_norm, ref.add_layer_norm, [x, r, w, b], [dy, ds], ["y", "s"],
+             ["dx", "dresidual", "dweight", "dbias"], torch_fn=_torch_add_layer_norm)
+    if kind == "constant":
+        assert torch.equal(kernels.add_layer_norm(x, r, w, b)[0], b.expand(shape)), "y != bias on constant rows"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_layer_norm_normalizes_the_stored_s(dtype, device):
+    """y, dresidual, dweight and dbias are layer_norm's, and its gradients', at s as stored (rounded
+    to dtype), the value backward reads: against float64 at that s, no worse than twice F.layer_norm
+    in dtype at that s. Rows with a large mean and a spread of a quarter unit in the last place
+    make s mostly the rounding of residual + x, so statistics of the unrounded sum would not do."""
+    shape = (24, 384)
+    r = _hard_rows("constant", shape, dtype, device)  # (rows, C)
+    x = (torch.finfo(dtype).eps * 128 * torch.randn(shape, device=device)).to(dtype)  # (rows, C)
+    _, w, b = _inputs(shape, dtype, device)
+    dy = torch.randn(shape, device=device).to(dtype)
+    (y, s), (_, dres, dw, db) = _run(kernels.add_layer_norm, [x, r, w, b], [dy, None])
+    (y64,), (ds64, dw64, db64) = _run(ref.layer_norm, [s.double(), w.double(), b.double()], [dy.double()])
+    (y_kd,), (ds_kd, dw_kd, db_kd) = _run(_torch_layer_norm, [s, w, b], [dy])
+    for name, got, want, yardstick in [("y", y, y64, y_kd), ("dresidual", dres, ds64, ds_kd),
+                                       ("dweight", dw, dw64, dw_kd), ("dbias", db, db64, db_kd)]:
+        assert_matches_reference(name, got, want, yardstick)
+
+
 @pytest.mark.parametrize("x_dtype", [p for p in DTYPES if p.id != "fp32"])
 @pytest.mark.parametrize("shape", [pytest.param((7, 33), id="7x33"), pytest.param((2, 5, 384), id="2x5x384")])
 def test_fp32_params_with_half_x(shape, x_dtype, device):
@@ -126,26 +210,52 @@ def test_add_layer_norm_matches_reference(shape, dtype, dropout_p, grads, device
     ds = torch.randn(shape, device=device).to(dtype) if "s" in grads else None
     rows, C = x.numel() // shape[-1], shape[-1]
     keep = ln.dropout_keep_mask(1234, rows, C, dropout_p, device) if dropout_p > 0 else None  # (rows, C)
+    # The kernels drop with p quantized to 1/65536 and scale by 1 / (1 - that p): so does the reference.
+    p_eff = dropout_threshold(dropout_p).p
     _compare(lambda *a: kernels.add_layer_norm(*a, dropout_p=dropout_p, seed=1234),
-             lambda *a: ref.add_layer_norm(*a, dropout_p=dropout_p, keep_mask=keep),
+             lambda *a: ref.add_layer_norm(*a, dropout_p=p_eff, keep_mask=keep),
              [x, r, w, b], [dy, ds], ["y", "s"], ["dx", "dresidual", "dweight", "dbias"])
 
 
+class _GridSpy:
+    """Stands in for a kernel and records the grid of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
 def _many_rows_shape(device):
-    """(rows, 256) with a ragged last row block and more row blocks than backward programs (about
-    300 rows in the interpreter, more on a GPU, which runs more programs)."""
+    """(rows, 256) with a ragged last row block and more than twice as many row blocks as backward
+    programs can be (about 300 rows in the interpreter, which runs 8; more on a GPU, where the
+    bound is 32 programs an SM)."""
     n_cols = 256
-    _, rows_per_block, _ = ln._config(n_cols)
-    max_progs = ln._bwd_programs(2**30, n_cols, device)
-    shape = (rows_per_block * (2 * max_progs + 3) - 5, n_cols)
-    n_progs = ln._bwd_programs(*shape, device)
-    assert 1 < n_progs < math.ceil(shape[0] / rows_per_block), "shape no longer exercises the loop"
-    return shape
+    rows_per_block = ln._config(n_cols).rows
+    if device.type == "cuda":
+        max_progs = torch.cuda.get_device_properties(device).multi_processor_count * ln._MAX_BLOCKS_PER_SM
+    else:
+        max_progs = ln._INTERPRETER_PROGRAMS
+    return rows_per_block * (2 * max_progs + 3) - 5, n_cols
+
+
+def _check_backward_grid(spy, shape):
+    """The backward ran with several programs, each folding at least two row blocks."""
+    n_blocks = math.ceil(shape[0] / ln._config(shape[1]).rows)
+    (n_progs,), = spy.grids
+    assert 1 < n_progs and 2 * n_progs < n_blocks, f"{n_progs} programs for {n_blocks} row blocks"
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm_dropout"])
-def test_many_rows_several_programs(op, device):
+def test_many_rows_several_programs(op, device, monkeypatch):
     """Several backward programs each fold several row blocks into their partial sums."""
+    spy = _GridSpy(ln._ln_bwd_kernel)
+    monkeypatch.setattr(ln, "_ln_bwd_kernel", spy)
     shape = _many_rows_shape(device)
     x, w, b = _inputs(shape, torch.float32, device)
     dy = torch.randn(shape, device=device)
@@ -155,16 +265,27 @@ def test_many_rows_several_programs(op, device):
         r, ds = torch.randn(shape, device=device), torch.randn(shape, device=device)
         keep = ln.dropout_keep_mask(7, *shape, 0.3, device)  # (rows, C)
         _compare(lambda *a: kernels.add_layer_norm(*a, dropout_p=0.3, seed=7),
-                 lambda *a: ref.add_layer_norm(*a, dropout_p=0.3, keep_mask=keep),
+                 lambda *a: ref.add_layer_norm(*a, dropout_p=dropout_threshold(0.3).p, keep_mask=keep),
                  [x, r, w, b], [dy, ds], ["y", "s"], ["dx", "dresidual", "dweight", "dbias"])
+    _check_backward_grid(spy, shape)
 
 
-def test_dweight_dbias_bitwise_repeatable(device):
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias"])
+def test_dweight_dbias_bitwise_repeatable(affine, device, monkeypatch):
+    """The grid sized to what is resident, the per-program partials and their one reduction give the
+    same bits on every run."""
+    spy = _GridSpy(ln._ln_bwd_kernel)
+    monkeypatch.setattr(ln, "_ln_bwd_kernel", spy)
     shape = _many_rows_shape(device)
-    x, w, b = _inputs(shape, torch.float32, device)
+    x, w, b = _inputs(shape, torch.float32, device, affine)
     dy = torch.randn(shape, device=device)
     (_, (_, dw1, db1)), (_, (_, dw2, db2)) = [_run(kernels.layer_norm, [x, w, b], [dy]) for _ in range(2)]
-    assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
+    for name, g1, g2, t in (("dweight", dw1, dw2, w), ("dbias", db1, db2, b)):
+        assert (g1 is None) == (t is None), name
+        if t is not None:
+            assert g1.any() and torch.equal(g1, g2), name
+    spy.grids[1:] = []
+    _check_backward_grid(spy, shape)
 
 
 def _binomial_close(keep, prob, what):
@@ -180,12 +301,15 @@ def test_kept_fraction_is_one_minus_p(dropout_p, device):
     keep = ln.dropout_keep_mask(99, n_rows, n_cols, dropout_p, device)  # (rows, C)
     assert keep.dtype == torch.bool and keep.shape == (n_rows, n_cols)
     keep = keep.cpu()
-    _binomial_close(keep, 1 - dropout_p, "kept")
-    # Each of the four Philox words, and two words of one group together, look independent.
-    for word in range(4):
-        _binomial_close(keep[:, word::4], 1 - dropout_p, f"kept at col % 4 == {word}")
-    for w1, w2 in itertools.combinations(range(4), 2):
-        _binomial_close(keep[:, w1::4] & keep[:, w2::4], (1 - dropout_p) ** 2, f"kept at words {w1} and {w2}")
+    q = 1 - dropout_threshold(dropout_p).p
+    _binomial_close(keep, q, "kept")
+    # Each of the eight slices of a Philox call (row % 2, col % 4), and two slices of one call
+    # together, look independent.
+    slices = [keep[h::2, c::4] for h in range(2) for c in range(4)]
+    for i, sl in enumerate(slices):
+        _binomial_close(sl, q, f"kept at slice {i}")
+    for i, j in itertools.combinations(range(8), 2):
+        _binomial_close(slices[i] & slices[j], q * q, f"kept at slices {i} and {j}")
 
 
 def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
@@ -197,9 +321,14 @@ def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
     assert torch.equal(ln.dropout_keep_mask(5, 3, n_cols, p, device), want[:3])
     assert torch.equal(ln.dropout_keep_mask(torch.tensor(5), n_rows, n_cols, p, device), want)
     x, r = torch.ones(n_rows, n_cols, device=device), torch.zeros(n_rows, n_cols, device=device)
-    for block_c, rows in [(64, 1), (128, 4)]:
-        monkeypatch.setattr(ln, "_config", lambda c, bc=block_c, rs=rows: (bc, rs, 1))
-        tiling = f"BLOCK_C={block_c}, ROWS={rows}"
+    # Tiles of 32 columns (two, the second masked past C), 16 (three) or 64 (one), with one row a
+    # program (no pairs), or four or eight (pairs of rows in a thread; 37 rows end in half a pair);
+    # the mask kernel's own column blocks of 8, 32 and 64.
+    for cfg, (block_c, rows) in [(ln._Config(32, 1, 1), (8, 1)), (ln._Config(16, 4, 2), (32, 4)),
+                                 (ln._Config(64, 8, 4), (64, 16))]:
+        monkeypatch.setattr(ln, "_config", lambda c, cfg=cfg: cfg)
+        monkeypatch.setattr(ln, "_mask_config", lambda c, bc=block_c, rs=rows: (bc, rs))
+        tiling = f"{cfg}, mask BLOCK_C={block_c}, ROWS={rows}"
         assert torch.equal(ln.dropout_keep_mask(5, n_rows, n_cols, p, device), want), tiling
         # s = r + x * keep / (1 - p) = 2 keep, and with the loss sum(s), dx = keep / (1 - p) = 2 keep.
         (_, s), (dx, _, _, _) = _run(lambda *a: kernels.add_layer_norm(*a, dropout_p=p, seed=5),
@@ -207,38 +336,48 @@ def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
         assert torch.equal(s, 2 * want.float()) and torch.equal(dx, 2 * want.float()), tiling
 
 
-def _philox_uniforms(seed: int, counter: np.ndarray) -> np.ndarray:
-    """tl.rand4x(seed, counter) written out, shape (4, *counter.shape): Philox4x32-10 on counter
-    (counter lo, counter hi, 0, 0) and key (seed lo, seed hi); each of the four output words folded
-    to a non-negative int32, times 2^-31 in fp32."""
-    u32 = lambda v: np.asarray(v, dtype=np.uint64) & np.uint64(0xFFFFFFFF)  # noqa: E731
-    c0, c1 = u32(counter), u32(counter.astype(np.uint64) >> np.uint64(32))
-    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
-    k0, k1 = u32(seed), u32(seed >> 32)
-    A, B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    for _ in range(10):
-        c0, c1, c2, c3 = (u32((B * c2) >> np.uint64(32)) ^ c1 ^ k0, u32(B * c2),
-                          u32((A * c0) >> np.uint64(32)) ^ c3 ^ k1, u32(A * c0))
-        k0, k1 = u32(k0 + np.uint64(0x9E3779B9)), u32(k1 + np.uint64(0xBB67AE85))
-    x = np.stack([c0, c1, c2, c3]).astype(np.uint32).view(np.int32)
-    x = np.where(x < 0, ~x, x)
-    return x.astype(np.float32) * np.float32(4.6566127342e-10)
+def _ln_keep_np(seed: int, rows: np.ndarray, cols: np.ndarray, p: float) -> np.ndarray:
+    """The layer-norm layout of kernels/layernorm.py's docstring in NumPy: (r, c) takes slice
+    4 (r % 2) + c % 4 of Philox4x32-7 counter (r // 2 low, c // 4, STREAM_LAYERNORM, r // 2 high)."""
+    rows, cols = np.broadcast_arrays(np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64))
+    pairs = rows // 2
+    words = philox_np(*_seed_words(seed), pairs & M32, cols // 4, np.full_like(cols, STREAM_LAYERNORM.value),
+                      pairs >> 32)
+    slices = _slices_np(words)  # (8, ...): slice 2 w + h is half h of word w
+    u = np.take_along_axis(slices, (4 * (rows % 2) + cols % 4)[None], axis=0)[0]
+    return u >= dropout_threshold(p).threshold
 
 
 @pytest.mark.parametrize("n_rows, n_cols", [(37, 129), (7, 33), (5, 64), (9, 3), (6, 1)],
                          ids=["37x129", "7x33", "5x64", "9x3", "6x1"])
-@pytest.mark.parametrize("seed", [0, 2**40 + 12345])  # the seed's high half matters too
+@pytest.mark.parametrize("seed", [0, 2**40 + 12345, 2**63 - 1])  # the seed's high half matters too
 def test_dropout_bits_are_philox_of_seed_row_and_col(seed, n_rows, n_cols, device):
-    """Bit-exact against an independent Philox: (row, col) is kept when word col % 4 of counter
-    row * ceil(C / 4) + col // 4 is >= p."""
+    """Bit-exact against an independent NumPy Philox (tests/test_dropout.py's, itself checked
+    against Random123's known answers), rows past 2^32 included."""
     p = 0.3
     keep = ln.dropout_keep_mask(seed, n_rows, n_cols, p, device)  # (rows, C)
-    row = np.arange(n_rows, dtype=np.int64)[:, None]  # (rows, 1)
-    col = np.arange(n_cols, dtype=np.int64)[None, :]  # (1, C)
-    counter = row * ((n_cols + 3) // 4) + col // 4  # (rows, C)
-    words = _philox_uniforms(seed, counter)  # (4, rows, C)
-    expected = np.choose(np.broadcast_to(col % 4, counter.shape), words) >= np.float32(p)  # (rows, C)
+    expected = _ln_keep_np(seed, np.arange(n_rows)[:, None], np.arange(n_cols)[None, :], p)  # (rows, C)
     assert np.array_equal(keep.cpu().numpy(), expected)
+    # Rows from 2^33 on: the pair index's high word is a counter word too.
+    far = ln._keep_mask(seed, 2**33 + 1, n_rows, n_cols, p, device)  # (rows, C)
+    rows = 2**33 + 1 + np.arange(n_rows)[:, None]  # (rows, 1)
+    assert np.array_equal(far.cpu().numpy(), _ln_keep_np(seed, rows, np.arange(n_cols)[None, :], p))
+
+
+@pytest.mark.parametrize("n_cols", [1, 33, 384, 1000, 4097])
+@pytest.mark.parametrize("n_rows", [1, 6, 37])
+def test_kernels_apply_dropout_keep_mask(n_rows, n_cols, device):
+    """dropout_keep_mask is exactly what forward and backward apply, for widths that are and are
+    not multiples of the pieces (128 columns) and of a call's 4 columns, odd row counts included."""
+    p = 0.5  # a threshold of 2^15: p is exact and the scale 2
+    want = ln.dropout_keep_mask(21, n_rows, n_cols, p, device)  # (rows, C)
+    assert 0 < want.sum() < want.numel() or want.numel() < 8
+    x, r = torch.ones(n_rows, n_cols, device=device), torch.zeros(n_rows, n_cols, device=device)
+    # s = r + x * keep * 2, and with the loss sum(s), dx = 2 keep, dresidual = 1.
+    (_, s), (dx, dres, _, _) = _run(lambda *a: kernels.add_layer_norm(*a, dropout_p=p, seed=21),
+                                    [x, r, None, None], [None, torch.ones_like(x)])
+    assert torch.equal(s, 2 * want.float()) and torch.equal(dx, 2 * want.float())
+    assert torch.equal(dres, torch.ones_like(dres))
 
 
 def test_same_seed_same_bits_other_seed_different(device):
@@ -252,6 +391,13 @@ def test_same_seed_same_bits_other_seed_different(device):
     assert not torch.equal(outs1[1], outs3[1])
     keep11 = ln.dropout_keep_mask(11, 16, 64, 0.5, device)
     torch.testing.assert_close(outs1[1], r + x * keep11 / 0.5)
+
+
+def test_every_seed_bit_matters(device):
+    """64-bit keys: seeds that differ in one bit only, low or high word, give different masks."""
+    base = ln.dropout_keep_mask(12345, 16, 64, 0.5, device)  # (rows, C)
+    for bit in (0, 31, 32, 62):
+        assert not torch.equal(ln.dropout_keep_mask(12345 ^ (1 << bit), 16, 64, 0.5, device), base), bit
 
 
 def test_seed_none_repeatable_under_manual_seed(device):

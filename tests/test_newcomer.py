@@ -261,10 +261,13 @@ def test_readme_order_is_what_a_newcomer_needs():
         assert m, pattern
         return m.start()
 
-    order = [at(r"python3? -m venv"), at(r"pip install torch\S* --index-url https://download.pytorch.org/whl/cpu"),
-             at(r'pip install -e "\.\[dev\]"'), at(r"python train\.py --preset cpu"), at(r"## The seed"),
-             at(r"## What to expect")]
+    # The first block: a virtual environment, the CPU build of torch, the project; then the CPU run.
+    order = [at(r"python3? -m venv"), at(r"pip install torch==\S+ -e \"\.\[dev\]\""),
+             at(r"python train\.py --preset cpu"), at(r"## The seed"), at(r"## What to expect")]
     assert order == sorted(order), order
+    first_block = README.split("```bash\n")[1].split("```")[0].strip().splitlines()
+    assert len(first_block) == 2, first_block  # one command installs, one runs
+    assert "download.pytorch.org/whl/cpu" in README  # the CPU build for machines without the pinned file
 
 
 def test_readme_says_the_small_things():

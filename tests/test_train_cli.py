@@ -167,6 +167,7 @@ def test_default_data_missing_and_download_failing(tmp_path, monkeypatch, capsys
     import model.data as data_mod
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data_mod, "LOCAL_COPIES", (tmp_path / "no-copy.txt",))
     monkeypatch.setattr(data_mod, "DATA_URL", "http://127.0.0.1:9/input.txt")  # nothing listens there
     with pytest.raises(SystemExit) as exc:
         sys.exit(train.main([*TINY_FLAGS, "--out", str(tmp_path / "m.pth")]))
@@ -175,3 +176,15 @@ def test_default_data_missing_and_download_failing(tmp_path, monkeypatch, capsys
     assert "downloading tiny Shakespeare" in err
     assert re.search(r"could not download .* put the text file at data/input.txt", err), err
     assert "Traceback" not in err
+
+
+def test_default_data_missing_is_copied_from_a_local_copy(tmp_path, monkeypatch, corpus):
+    """A machine without network (CI) keeps tiny Shakespeare beside the checkout: it is copied, not downloaded."""
+    import model.data as data_mod
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data_mod, "LOCAL_COPIES", (tmp_path / "absent.txt", corpus))
+    monkeypatch.setattr(data_mod, "DATA_URL", "http://127.0.0.1:9/input.txt")  # would fail if tried
+    text = data_mod.load_text(data_mod.DEFAULT_DATA_PATH, download_if_missing=True)
+    assert text == corpus.read_text()
+    assert (tmp_path / "data" / "input.txt").read_text() == text
