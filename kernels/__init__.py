@@ -55,6 +55,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """layer_norm over the last dimension of x (..., C); y in x's dtype, weight and bias optional.
 
     Differentiable in x, weight and bias; dweight/dbias come back in the parameters' dtype.
+    On a CUDA GPU (or the CPU under Triton's interpreter; elsewhere kernels.TritonDeviceError).
     """
     return (_OPS or _load_ops())["layer_norm"](x, weight, bias, eps)
 
@@ -62,8 +63,11 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0, seed=None):
     """(y, s) with s = residual + dropout(x) and y = layer_norm(s, weight, bias, eps).
 
-    Dropout keeps an element with probability 1 - dropout_p and scales it by 1 / (1 - dropout_p);
-    its bits depend only on seed (an int, a 1-element integer tensor, or None to draw one from
-    torch's generator) and the element's (row, col) in x viewed as (rows, C): see dropout_keep_mask.
+    Dropout drops an element with probability p_eff = round(dropout_p * 65536) / 65536 (dropout_p
+    quantized to 1/65536: kernels.dropout.dropout_threshold) and scales the kept ones by
+    1 / (1 - p_eff); its bits depend only on seed (an int below 2^63, a 1-element integer tensor on
+    x's device, or None to draw one from torch's generator) and the element's (row, col) in x
+    viewed as (rows, C): see kernels.layernorm.dropout_keep_mask. On a CUDA GPU (or the CPU under
+    Triton's interpreter; elsewhere kernels.TritonDeviceError).
     """
     return (_OPS or _load_ops())["add_layer_norm"](x, residual, weight, bias, eps, dropout_p, seed)

@@ -98,6 +98,14 @@ def seed_tensor(seed, device: torch.device) -> torch.Tensor:
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
+def no_double_backward(caller: str) -> None:
+    """Raise in a backward asked for a graph of its own (create_graph=True): the backward kernels are
+    not differentiable. once_differentiable's guard, for one test instead of a wrapper's microseconds."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{caller} has no second derivative: its backward kernels are not differentiable "
+                           "(create_graph=True)")
+
+
 def traced() -> bool:
     """Whether this call is being traced rather than run: torch.compile (Dynamo), or a dispatch mode
     such as FakeTensorMode or make_fx's. Traced calls go through the registered op (define_op); eager

@@ -43,10 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torch.autograd.function import once_differentiable
-
 from kernels._common import (FLOAT_DTYPES, _no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
-                             op_wrap, seed_tensor, traced, triton_device_types)
+                             no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
 from kernels.dropout import attention_keep, dropout_threshold
 
 LOG2E = 1.4426950408889634
@@ -445,7 +443,7 @@ def _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, need_lse=True, *, _
     has_dropout = threshold > 0
     cfg = _config or _launch_configs(q.device, q.dtype, D, causal, has_dropout)["fwd"]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, T, H, D)
-    lse = q.new_empty((B, H, T_q), dtype=torch.float32) if need_lse else None  # (B, H, T)
+    lse = q.new_empty(B, H, T_q, dtype=torch.float32) if need_lse else None  # (B, H, T)
     q, qk_scale = _positive_scale(q, scale)
     wrap_triton(_attn_fwd_kernel).run(
         q, k, v, o, lse if need_lse else o, seed_t if has_dropout else q,
@@ -475,7 +473,7 @@ def _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t, *, _co
     # Strided like the inputs where they are dense, contiguous otherwise (views into a packed
     # projection get contiguous gradients; autograd packs them back).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (B, T, H, D) each
-    delta = q.new_empty((B, H, T_q), dtype=torch.float32)  # (B, H, T), written by dQ's kernel
+    delta = q.new_empty(B, H, T_q, dtype=torch.float32)  # (B, H, T), written by dQ's kernel
     q_run, qk_scale = _positive_scale(q, scale)
     common = dict(IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, HEAD_DIM=D, BLOCK_D=_block_d(D),
                   DOT_PRECISION=_dot_precision(q.dtype))
@@ -511,8 +509,8 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do):
+        no_double_backward("kernels.flash_attention")
         q, k, v, o, lse, seed_t = ctx.saved_tensors
         dropout_p, causal, scale = ctx.args
         dq, dk, dv = _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t)
