@@ -1,6 +1,11 @@
 """What the Triton ops share: the device rule, the input checks, the dropout seed, and how an op is
 registered with torch.library.
 
+Each op has two paths to its launchers. An eager call (what DDP, fp16, sampling, a CUDA graph's
+warm-up and any uncaptured step make) checks its inputs and calls the launchers directly, through a
+torch.autograd.Function when a gradient is needed. A traced call (torch.compile, FakeTensorMode,
+make_fx: see `traced`) goes through the op registered by `define_op`, which tracers understand.
+
 Every function here but `define_op` runs on every call of an op, so each is written for the hot path:
 a few attribute reads and comparisons when the inputs are right; the detailed message is built only
 when they are not. This module imports torch only: `kernels` re-exports TritonDeviceError from here
@@ -145,8 +150,12 @@ def define_op(name: str, body, fake, kernel):
     tensors. Elsewhere (torch before 2.6; Triton's interpreter): a torch.library.custom_op with `fake`
     as its fake implementation, one opaque node to torch.compile.
 
-    Eager calls do not use the op: its dispatcher round trip and Python autograd cost several times
-    the launch itself (bench/test_bench_host.py); the public functions call the launchers directly.
+    Eager calls do not use the op, whichever it is: measured with the launches stubbed out (CPU,
+    torch 2.13, Triton 3.9), attention's forward costs 17.4 us through the triton_op against 4.2 us
+    for the launcher called directly, 36.4 us against 10.5 us through a torch.autograd.Function when
+    a gradient is needed, and 89 us against 38 us forward and backward. So the public functions call
+    the launchers directly, through a plain torch.autograd.Function when a gradient is needed, and
+    the op only when traced() (bench/test_bench_host.py has the per-op figures against torch's).
     """
     if _traceable(kernel):
         return torch.library.triton_op(name, body, mutates_args=())

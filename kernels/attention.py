@@ -30,6 +30,11 @@ Dropout bits: kernels.dropout.attention_keep, whose docstring gives the layout. 
 serves the 8 elements (i + {0, 8}) x (j + {0, 1, 8, 9}) that one thread holds in a tensor-core
 accumulator, so the mask is drawn in the accumulator's own layout (no trip through shared memory),
 and it depends on (seed, b, h, i, j) only, never on block shapes, grid or launch order.
+
+The Python layer (see kernels/_common.py): flash_attention checks its inputs and calls the launchers
+directly, through _FlashAttention (a torch.autograd.Function) when a gradient is needed; a traced
+call (torch.compile) goes through the op triton_gpt::flash_attn_fwd instead, a torch.library
+triton_op whose kernels torch.compile sees.
 """
 
 from __future__ import annotations

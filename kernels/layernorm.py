@@ -61,6 +61,11 @@ depend on (seed, row, col) only, never on the tiles, ROWS or the grid; no other 
 STREAM_LAYERNORM counters. Backward draws the bits again with the same helpers (`_philox_words`,
 `_keep`), which `dropout_keep_mask` runs too. dropout(x) is rounded to x's dtype before the add, as
 residual + F.dropout(x) rounds it.
+
+The Python layer (see kernels/_common.py): layer_norm and add_layer_norm check their inputs and call
+the launchers directly, through _LayerNorm (a torch.autograd.Function) when a gradient is needed; a
+traced call (torch.compile) goes through the op triton_gpt::layer_norm_fwd instead, a torch.library
+triton_op whose kernels torch.compile sees.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def _run_python(code: str, interpret: bool = False) -> subprocess.CompletedProce
 
 
 def _last_json(proc: subprocess.CompletedProcess):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    report = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{report}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -401,8 +402,8 @@ q = torch.randn(1, 8, 2, 16)
 first = stand_in(q, q, q, 0.2, seed=3)
 rebound = kernels.flash_attention is attention.flash_attention
 again = stand_in(q, q, q, 0.2, seed=3)
-print(json.dumps({"rebound": rebound, "stand_in_kept": stand_in is not attention.flash_attention,
-                  "same": torch.equal(first, attention.flash_attention(q, q, q, 0.2, seed=3)) and torch.equal(first, again)}))
+same = torch.equal(first, attention.flash_attention(q, q, q, 0.2, seed=3)) and torch.equal(first, again)
+print(json.dumps({"rebound": rebound, "stand_in_kept": stand_in is not attention.flash_attention, "same": same}))
 """
 
 
