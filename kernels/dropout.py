@@ -49,11 +49,14 @@ No index is multiplied, so nothing can wrap: each counter word holds an index be
 
 Layer norm, element (r, c) of x viewed as (rows, C):
 
-    counter  c0 = c // 8, c1 = r % 2^32, c2 = STREAM_LAYERNORM, c3 = r // 2^32
-    slice    word (c % 8) // 2, high half when c is odd, low half when even
+    counter  c0 = (r // 2) % 2^32, c1 = c // 4, c2 = STREAM_LAYERNORM, c3 = (r // 2) // 2^32
+    slice    4 (r % 2) + c % 4: word 2 (r % 2) + (c % 4) // 2, high half when c is odd, low half when even
 
-So one call serves 8 consecutive columns of a row (one 128-bit vector of a bf16 row), and columns
-past C draw nothing a real column uses. `rows_keep` builds a (ROWS, BLOCK_C) mask.
+So one call serves a 2 x 4 block, rows 2m and 2m + 1 by columns 4q to 4q + 3: exactly what a thread
+of the LayerNorm kernels holds (the same 4 consecutive columns of both rows of a pair), so each call
+is made once per thread and tile, in the data's own register layout, and only for real columns (a
+column past C never takes a call a real column needs). `layernorm_keep` builds the mask of any rows
+and columns; the forward and backward kernels and `kernels.layernorm.dropout_keep_mask` all call it.
 """
 
 from __future__ import annotations
@@ -137,20 +140,35 @@ def attention_keep(seed, off_bh, start_m, start_n, threshold,
 
 
 @triton.jit
-def rows_keep(seed, rows, start_c, threshold, BLOCK_C: tl.constexpr):
-    """Bool keep mask (len(rows), BLOCK_C) of columns start_c.. of the int64 row indices rows.
+def layernorm_keep(seed, rows, start_c, offs_c, threshold_hi, HALF: tl.constexpr):
+    """Bool keep mask (R, N) of rows (R,) and columns start_c + offs_c (N,) of x viewed as (rows, C).
 
-    start_c is a multiple of 8; threshold from dropout_threshold. See the module docstring.
+    rows: int32 or int64 row indices; start_c: a multiple of 4; offs_c: the column offsets, from
+    tl.arange, so the compiler knows every offset mod 4 (it then sees that a thread's 4 columns of a
+    call share c1 = start_c // 4 + offs_c // 4, and makes the call once); threshold_hi: the
+    threshold of dropout_threshold shifted left by 16; HALF: r % 2 when every row has the same parity
+    (0 or 1: the kernels' row tiles), -1 otherwise. See the module docstring for the layout. Called
+    once for each row of a pair, the two identical Philox calls are merged by the compiler.
     """
-    tl.static_assert(BLOCK_C % 8 == 0, "layer-norm dropout works on groups of 8 columns")
-    c0 = (start_c // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)  # (C/8,)
-    zero = tl.zeros([rows.shape[0], BLOCK_C // 8], tl.uint32)
-    c1 = (rows & 0xFFFFFFFF).to(tl.uint32)
-    c3 = (rows >> 32).to(tl.uint32)
-    w0, w1, w2, w3 = philox(seed, c0[None, :] + zero, c1[:, None] + zero, zero + STREAM_LAYERNORM,
-                            c3[:, None] + zero)  # (R, C/8) each
-    # Column 8 g + 4 a + 2 b + h takes word 2 a + b, half h.
-    x = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # (R, C/8, a, b)
-    x = tl.join(x << 16, x)  # (R, C/8, a, b, h)
-    x = tl.reshape(x, [rows.shape[0], BLOCK_C])
-    return x >= (threshold.to(tl.uint32) << 16)
+    pairs = (rows & -2) >> 1  # r // 2, written so that both rows of a pair visibly give the same value
+    if rows.dtype == tl.int64:
+        c0 = (pairs & 0xFFFFFFFF).to(tl.uint32)
+        c3 = (pairs >> 32).to(tl.uint32)
+    else:  # int32 rows: r // 2 < 2^30, c3 = 0
+        c0 = pairs.to(tl.uint32)
+        c3 = tl.zeros_like(c0)
+    zero = tl.zeros([rows.shape[0], offs_c.shape[0]], tl.uint32)
+    c1 = (start_c // 4 + (offs_c >> 2)).to(tl.uint32)  # (N,)
+    w0, w1, w2, w3 = philox(seed, c0[:, None] + zero, c1[None, :] + zero, zero + STREAM_LAYERNORM,
+                            c3[:, None] + zero)  # (R, N) each
+    # Slice 4 (r % 2) + c % 4: word 2 (r % 2) + (c % 4) // 2, half c % 2 (start_c % 4 == 0).
+    low_pair = (offs_c % 4 < 2)[None, :]  # words 0 and 2 hold columns 4q and 4q + 1
+    if HALF == 0:
+        word = tl.where(low_pair, w0, w1)
+    elif HALF == 1:
+        word = tl.where(low_pair, w2, w3)
+    else:
+        word = tl.where((rows % 2 == 1)[:, None], tl.where(low_pair, w2, w3), tl.where(low_pair, w0, w1))
+    # The compare runs on the slice moved to the top 16 bits (the low one shifted), against the
+    # threshold moved there too.
+    return tl.where((offs_c % 2 == 1)[None, :], word, word << 16) >= threshold_hi.to(tl.uint32)
