@@ -67,11 +67,34 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._common import check_dropout_p, check_float_tensor, seed_tensor
-from kernels.dropout import dropout_threshold, layernorm_keep
+from kernels.dropout import dropout_threshold, inline_ptx, layernorm_keep
 
 MAX_COLS = 16384  # a row lives in registers (<= 32 fp32 values a thread per tensor at 16 warps)
 _INTERPRETER_PROGRAMS = 8  # backward programs off the GPU (Triton's interpreter): a small fixed count
 _MAX_BLOCKS_PER_SM = 32  # the most resident blocks one SM holds (sm_80 to sm_90)
+
+
+@triton.jit
+def _to_f32(x):
+    """x (fp32, fp16 or bf16) in fp32. On the GPU a bf16 pair in one 32-bit register becomes two fp32
+    values by a shift and an AND (for the upper value ptxas makes Triton's conversion a PRMT and a
+    shift); in the interpreter, Triton's conversion: the same values (bf16 is fp32's upper half)."""
+    if inline_ptx() and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xFFFF0000; }", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _add_rounded(a, b):
+    """a + b rounded once to their dtype (both of one dtype). In fp32 then rounded for 16-bit types,
+    which is the same (fp32 has more than twice their significand bits); on the GPU a bf16 pair is
+    one fma.rn.bf16x2 (a * 1 + b), whose packed result is stored as it is (Triton's per-value adds
+    cost ptxas four to six PRMTs a store to unpack and repack the pairs)."""
+    if inline_ptx() and a.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ .reg .b32 one; mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, $1, one, $2; }",
+                                         "=r,r,r", [a, b], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
 
 
 @triton.jit
@@ -130,21 +153,19 @@ def _ln_fwd_kernel(
         for h in tl.static_range(PAIR):
             offs = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]  # (M, SUB)
             mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)  # (M, SUB) in x's dtype
             if HAS_DROPOUT:
-                # dropout(x) in x's dtype, as F.dropout returns it; then the add, as residual + F.dropout(x).
                 # The bits of a pair's two rows come from one Philox call (the compiler merges the
                 # two rows' identical calls; one call feeding both tiles would get another register
                 # layout from Triton, hence conversions).
                 keep = layernorm_keep(seed, rows[h], k * SUB, cols0, threshold_hi, h if PAIR == 2 else -1)
-                x = (x * tl.where(keep, dropout_scale, 0.0)).to(x_ptr.dtype.element_ty).to(tl.float32)
+                # dropout(x) in x's dtype, as F.dropout returns it.
+                x = (_to_f32(x) * tl.where(keep, dropout_scale, 0.0)).to(x_ptr.dtype.element_ty)
             if HAS_RESIDUAL:
-                x = (x + res).to(s_ptr.dtype.element_ty)
+                # residual + dropout(x), rounded once to s's dtype (x's), as PyTorch's add rounds it.
+                x = _add_rounded(x, tl.load(res_ptr + offs, mask=mask, other=0.0))
                 tl.store(s_ptr + offs, x, mask=mask)
-                x = x.to(tl.float32)  # the statistics come from the value that backward reads
-            s = s + (x,)
+            s = s + (_to_f32(x),)  # the statistics come from the value stored, which backward reads
 
     # Per row: the mean, exact on a constant row (see the docstring), then the variance around it.
     mean = ()
@@ -237,10 +258,10 @@ def _ln_bwd_kernel(
                 o = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]  # (M, SUB)
                 mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
                 offs = offs + (o,)
-                s = s + (tl.load(s_ptr + o, mask=mask, other=0.0).to(tl.float32),)
-                dy = dy + (tl.load(dy_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+                s = s + (_to_f32(tl.load(s_ptr + o, mask=mask, other=0.0)),)
+                dy = dy + (_to_f32(tl.load(dy_ptr + o, mask=mask, other=0.0)),)
                 if HAS_DS:
-                    ds = ds + (tl.load(ds_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+                    ds = ds + (_to_f32(tl.load(ds_ptr + o, mask=mask, other=0.0)),)
         w = ()  # reloaded each block (from L1): 12 registers fewer to hold across the loop
         for k in tl.static_range(NSUB):
             if HAS_WEIGHT:
