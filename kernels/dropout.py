@@ -143,8 +143,10 @@ def philox(seed, c0, c1, c2, c3):
     for _ in tl.static_range(PHILOX_ROUNDS):
         lo_b, hi_b = _mul_wide(c2, _PHILOX_ROUND_B)
         lo_a, hi_a = _mul_wide(c0, _PHILOX_ROUND_A)
-        c0 = hi_b ^ c1 ^ k0
-        c2 = hi_a ^ c3 ^ k1
+        # The key first: where a product is the same for all of a thread's calls (the first
+        # round's c2 * B, c2 a stream constant), its XOR with the key is made once.
+        c0 = hi_b ^ k0 ^ c1
+        c2 = hi_a ^ k1 ^ c3
         c1 = lo_b
         c3 = lo_a
         k0 += _PHILOX_KEY_A
