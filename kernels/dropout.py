@@ -13,6 +13,9 @@ and k1 its high 32 bits, so every bit of a 63-bit seed matters. We run 7 rounds 
 Philox4x32 with 7 rounds passing TestU01's BigCrush and recommends 10 as a safety margin, and each
 round costs about 4 instructions a call in our hot loops. The bits therefore differ from
 tl.randint4x's; the tests check them against an independent implementation, not against tl.rand.
+On the GPU each round's two 32 x 32 -> 64-bit products are inline PTX (`_mul_wide`: one
+IMAD.WIDE.U32 each, where LLVM splits some products written in Triton); Triton's interpreter runs
+the Triton form of the same products, so the bits are the same on both paths by construction.
 
 Streams. Counter word c2 names the op, so no two ops share bits unless they are given the same seed
 on purpose and even then their masks come from different counters:
@@ -133,7 +136,7 @@ def _mul_wide(a, M: tl.constexpr):
 def philox(seed, c0, c1, c2, c3):
     """Philox4x32-7: four uint32 words for counters (c0, c1, c2, c3) under key seed (an int64).
 
-    The counters are uint32 tensors (or scalars) of one shape. Each round takes two 32 x 32 -> 64-bit
+    The counters are uint32 tensors of one shape. Each round takes two 32 x 32 -> 64-bit
     products (_mul_wide: one IMAD.WIDE.U32 each) and two three-way XORs (one LOP3 each), so a call
     costs at most 28 instructions and the key schedule, fewer where the calls of a thread share
     counter words (what they share, the compiler computes once).
