@@ -13,6 +13,9 @@ and k1 its high 32 bits, so every bit of a 63-bit seed matters. We run 7 rounds 
 Philox4x32 with 7 rounds passing TestU01's BigCrush and recommends 10 as a safety margin, and each
 round costs about 4 instructions a call in our hot loops. The bits therefore differ from
 tl.randint4x's; the tests check them against an independent implementation, not against tl.rand.
+On the GPU each round's two 32 x 32 -> 64-bit products are inline PTX (`_mul_wide`: one
+IMAD.WIDE.U32 each, where LLVM splits some products written in Triton); Triton's interpreter runs
+the Triton form of the same products, so the bits are the same on both paths by construction.
 
 Streams. Counter word c2 names the op, so no two ops share bits unless they are given the same seed
 on purpose and even then their masks come from different counters:
@@ -49,11 +52,14 @@ No index is multiplied, so nothing can wrap: each counter word holds an index be
 
 Layer norm, element (r, c) of x viewed as (rows, C):
 
-    counter  c0 = c // 8, c1 = r % 2^32, c2 = STREAM_LAYERNORM, c3 = r // 2^32
-    slice    word (c % 8) // 2, high half when c is odd, low half when even
+    counter  c0 = (r // 2) % 2^32, c1 = c // 4, c2 = STREAM_LAYERNORM, c3 = (r // 2) // 2^32
+    slice    4 (r % 2) + c % 4: word 2 (r % 2) + (c % 4) // 2, high half when c is odd, low half when even
 
-So one call serves 8 consecutive columns of a row (one 128-bit vector of a bf16 row), and columns
-past C draw nothing a real column uses. `rows_keep` builds a (ROWS, BLOCK_C) mask.
+So one call serves a 2 x 4 block, rows 2m and 2m + 1 by columns 4q to 4q + 3: exactly what a thread
+of the LayerNorm kernels holds (the same 4 consecutive columns of both rows of a pair), so each call
+is made once per thread and tile, in the data's own register layout, and only for real columns (a
+column past C never takes a call a real column needs). `layernorm_keep` builds the mask of any rows
+and columns; the forward and backward kernels and `kernels.layernorm.dropout_keep_mask` all call it.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from typing import NamedTuple
 
 import triton
 import triton.language as tl
+from triton.language.target_info import current_target
 
 # tl.constexpr, so the @triton.jit helpers may read them; `.value` is the int.
 STREAM_ATTENTION = tl.constexpr(1)
@@ -94,22 +101,59 @@ def dropout_threshold(p: float) -> DropoutThreshold:
     return DropoutThreshold(threshold, p_eff, 1.0 / (1.0 - p_eff))
 
 
+@triton.constexpr_function
+def inline_ptx():
+    """Whether a kernel being compiled may use inline PTX: for an NVIDIA GPU, not in Triton's
+    interpreter (which runs the pure-Triton form of each helper: the same values, bit for bit)."""
+    target = current_target()
+    return not triton.knobs.runtime.interpret and target is not None and target.backend == "cuda"
+
+
+@triton.jit
+def _mul_wide(a, M: tl.constexpr):
+    """(low, high) 32-bit words of the 64-bit product a * M, a a uint32 tensor, M a Philox constant.
+
+    On the GPU one PTX mul.wide.u32, which ptxas issues as one IMAD.WIDE.U32. Written in Triton (a
+    64-bit product of zero-extended words), LLVM splits some products into separate high and low
+    multiplies, some of them 64-bit, and narrows the constant where only low bits are used: the
+    LayerNorm forward with dropout issued 723 instructions a warp for 16 rows that way, 690 this way
+    (sm_90, Triton 3.6). The interpreter runs the Triton form, which gives the same words.
+    """
+    if inline_ptx():
+        if M == _PHILOX_ROUND_A:
+            lo, hi = tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, 0xD2511F53; mov.b64 {$0, $1}, t; }",
+                                               "=r,=r,r", [a], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+        else:
+            tl.static_assert(M == _PHILOX_ROUND_B, "_mul_wide multiplies by a Philox round constant")
+            lo, hi = tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$0, $1}, t; }",
+                                               "=r,=r,r", [a], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+    else:
+        prod = a.to(tl.uint64) * M
+        lo = prod.to(tl.uint32)
+        hi = (prod >> 32).to(tl.uint32)
+    return lo, hi
+
+
 @triton.jit
 def philox(seed, c0, c1, c2, c3):
     """Philox4x32-7: four uint32 words for counters (c0, c1, c2, c3) under key seed (an int64).
 
-    The counters are uint32 tensors (or scalars) of one shape. Each product of a round is taken as
-    one 32 x 32 -> 64-bit multiply, so ptxas issues one IMAD.WIDE.U32 for its high and low halves.
+    The counters are uint32 tensors of one shape. Each round takes two 32 x 32 -> 64-bit
+    products (_mul_wide: one IMAD.WIDE.U32 each) and two three-way XORs (one LOP3 each), so a call
+    costs at most 28 instructions and the key schedule, fewer where the calls of a thread share
+    counter words (what they share, the compiler computes once).
     """
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     for _ in tl.static_range(PHILOX_ROUNDS):
-        prod_b = c2.to(tl.uint64) * _PHILOX_ROUND_B
-        prod_a = c0.to(tl.uint64) * _PHILOX_ROUND_A
-        c0 = (prod_b >> 32).to(tl.uint32) ^ c1 ^ k0
-        c2 = (prod_a >> 32).to(tl.uint32) ^ c3 ^ k1
-        c1 = prod_b.to(tl.uint32)
-        c3 = prod_a.to(tl.uint32)
+        lo_b, hi_b = _mul_wide(c2, _PHILOX_ROUND_B)
+        lo_a, hi_a = _mul_wide(c0, _PHILOX_ROUND_A)
+        # The key first: where a product is the same for all of a thread's calls (the first
+        # round's c2 * B, c2 a stream constant), its XOR with the key is made once.
+        c0 = hi_b ^ k0 ^ c1
+        c2 = hi_a ^ k1 ^ c3
+        c1 = lo_b
+        c3 = lo_a
         k0 += _PHILOX_KEY_A
         k1 += _PHILOX_KEY_B
     return c0, c1, c2, c3
@@ -139,20 +183,35 @@ def attention_keep(seed, off_bh, start_m, start_n, threshold,
 
 
 @triton.jit
-def rows_keep(seed, rows, start_c, threshold, BLOCK_C: tl.constexpr):
-    """Bool keep mask (len(rows), BLOCK_C) of columns start_c.. of the int64 row indices rows.
+def layernorm_keep(seed, rows, start_c, offs_c, threshold_hi, HALF: tl.constexpr):
+    """Bool keep mask (R, N) of rows (R,) and columns start_c + offs_c (N,) of x viewed as (rows, C).
 
-    start_c is a multiple of 8; threshold from dropout_threshold. See the module docstring.
+    rows: int32 or int64 row indices; start_c: a multiple of 4; offs_c: the column offsets, from
+    tl.arange, so the compiler knows every offset mod 4 (it then sees that a thread's 4 columns of a
+    call share c1 = start_c // 4 + offs_c // 4, and makes the call once); threshold_hi: the
+    threshold of dropout_threshold shifted left by 16; HALF: r % 2 when every row has the same parity
+    (0 or 1: the kernels' row tiles), -1 otherwise. See the module docstring for the layout. Called
+    once for each row of a pair, the two identical Philox calls are merged by the compiler.
     """
-    tl.static_assert(BLOCK_C % 8 == 0, "layer-norm dropout works on groups of 8 columns")
-    c0 = (start_c // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)  # (C/8,)
-    zero = tl.zeros([rows.shape[0], BLOCK_C // 8], tl.uint32)
-    c1 = (rows & 0xFFFFFFFF).to(tl.uint32)
-    c3 = (rows >> 32).to(tl.uint32)
-    w0, w1, w2, w3 = philox(seed, c0[None, :] + zero, c1[:, None] + zero, zero + STREAM_LAYERNORM,
-                            c3[:, None] + zero)  # (R, C/8) each
-    # Column 8 g + 4 a + 2 b + h takes word 2 a + b, half h.
-    x = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # (R, C/8, a, b)
-    x = tl.join(x << 16, x)  # (R, C/8, a, b, h)
-    x = tl.reshape(x, [rows.shape[0], BLOCK_C])
-    return x >= (threshold.to(tl.uint32) << 16)
+    pairs = (rows & -2) >> 1  # r // 2, written so that both rows of a pair visibly give the same value
+    if rows.dtype == tl.int64:
+        c0 = (pairs & 0xFFFFFFFF).to(tl.uint32)
+        c3 = (pairs >> 32).to(tl.uint32)
+    else:  # int32 rows: r // 2 < 2^30, c3 = 0
+        c0 = pairs.to(tl.uint32)
+        c3 = tl.zeros_like(c0)
+    zero = tl.zeros([rows.shape[0], offs_c.shape[0]], tl.uint32)
+    c1 = (start_c // 4 + (offs_c >> 2)).to(tl.uint32)  # (N,)
+    w0, w1, w2, w3 = philox(seed, c0[:, None] + zero, c1[None, :] + zero, zero + STREAM_LAYERNORM,
+                            c3[:, None] + zero)  # (R, N) each
+    # Slice 4 (r % 2) + c % 4: word 2 (r % 2) + (c % 4) // 2, half c % 2 (start_c % 4 == 0).
+    low_pair = (offs_c % 4 < 2)[None, :]  # words 0 and 2 hold columns 4q and 4q + 1
+    if HALF == 0:
+        word = tl.where(low_pair, w0, w1)
+    elif HALF == 1:
+        word = tl.where(low_pair, w2, w3)
+    else:
+        word = tl.where((rows % 2 == 1)[:, None], tl.where(low_pair, w2, w3), tl.where(low_pair, w0, w1))
+    # The compare runs on the slice moved to the top 16 bits (the low one shifted), against the
+    # threshold moved there too.
+    return tl.where((offs_c % 2 == 1)[None, :], word, word << 16) >= threshold_hi.to(tl.uint32)

@@ -47,20 +47,13 @@ of row blocks, accumulating dy * xhat and dy per column in registers; after its 
 sums them across its warps and writes one row of the (P, 2, C) partials. One small kernel sums
 those over P in a fixed order and casts to the parameters' dtype. Same device, same bits, every run.
 
-Dropout (kernels.dropout's generator: Philox4x32-7 keyed by the 64-bit seed, 16-bit slices against
-an integer threshold, p quantized to 1/65536 and scale = 1 / (1 - that p)). Element (r, c) of x
-viewed as (rows, C) is kept when slice 4 (r % 2) + c % 4 of the Philox call on counter
-
-    (c0, c1, c2, c3) = ((r // 2) % 2^32, c // 4, STREAM_LAYERNORM, (r // 2) // 2^32)
-
-is >= the threshold; slice j is the low (j even) or high (j odd) half of word j // 2. One call thus
-serves a 2 x 4 block, rows 2m and 2m + 1 by columns 4q to 4q + 3: exactly what a thread holds, so
-each call is made once (the compiler merges the two rows' identical calls), in the data's register
-layout, for real columns only (a column past C never takes a call a real column needs). The bits
-depend on (seed, row, col) only, never on the tiles, ROWS or the grid; no other op uses the
-STREAM_LAYERNORM counters. Backward draws the bits again with the same helpers (`_philox_words`,
-`_keep`), which `dropout_keep_mask` runs too. dropout(x) is rounded to x's dtype before the add, as
-residual + F.dropout(x) rounds it.
+Dropout: kernels.dropout's generator (Philox4x32-7 keyed by the 64-bit seed, 16-bit slices against
+an integer threshold, p quantized to 1/65536 and scale = 1 / (1 - that p)) in its LayerNorm layout:
+one Philox call per 2 rows x 4 columns, which is what a thread holds, in the STREAM_LAYERNORM
+counters, for real columns only; the bits depend on (seed, row, col) of x viewed as (rows, C), never
+on the tiles, ROWS or the grid. kernels.dropout's docstring gives the layout; its `layernorm_keep`
+draws the bits in the forward, again in the backward, and in `dropout_keep_mask`. dropout(x) is
+rounded to x's dtype before the add, as residual + F.dropout(x) rounds it.
 
 The Python layer (see kernels/_common.py): layer_norm and add_layer_norm check their inputs and call
 the launchers directly, through _LayerNorm (a torch.autograd.Function) when a gradient is needed; a
@@ -81,11 +74,34 @@ from triton.runtime.jit import MockTensor
 
 from kernels._common import (_no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
                              no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
-from kernels.dropout import STREAM_LAYERNORM, dropout_threshold, philox
+from kernels.dropout import dropout_threshold, inline_ptx, layernorm_keep
 
 MAX_COLS = 16384  # a row lives in registers (<= 32 fp32 values a thread per tensor at 16 warps)
 _INTERPRETER_PROGRAMS = 8  # backward programs off the GPU (Triton's interpreter): a small fixed count
 _MAX_BLOCKS_PER_SM = 32  # the most resident blocks one SM holds (sm_80 to sm_90)
+
+
+@triton.jit
+def _to_f32(x):
+    """x (fp32, fp16 or bf16) in fp32. On the GPU a bf16 pair in one 32-bit register becomes two fp32
+    values by a shift and an AND (for the upper value ptxas makes Triton's conversion a PRMT and a
+    shift); in the interpreter, Triton's conversion: the same values (bf16 is fp32's upper half)."""
+    if inline_ptx() and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xFFFF0000; }", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _add_rounded(a, b):
+    """a + b rounded once to their dtype (both of one dtype). In fp32 then rounded for 16-bit types,
+    which is the same (fp32 has more than twice their significand bits); on the GPU a bf16 pair is
+    one fma.rn.bf16x2 (a * 1 + b), whose packed result is stored as it is (Triton's per-value adds
+    cost ptxas four to six PRMTs a store to unpack and repack the pairs)."""
+    if inline_ptx() and a.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ .reg .b32 one; mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, $1, one, $2; }",
+                                         "=r,r,r", [a, b], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
 
 
 @triton.jit
@@ -119,32 +135,6 @@ def _load_param(ptr, rows, cols, n_cols, MASK_COLS: tl.constexpr):
 
 
 @triton.jit
-def _philox_words(seed, pairs, cols):
-    """The 4 words (M, SUB) of the Philox4x32-7 calls of row pairs (M,) int64 and columns (SUB,):
-    counter (pair % 2^32, col // 4, STREAM_LAYERNORM, pair // 2^32). The 4 columns a thread holds
-    share a counter, and the compiler makes that call once; both rows of a pair use the words."""
-    zero = tl.zeros([pairs.shape[0], cols.shape[0]], tl.uint32)
-    return philox(seed, (pairs & 0xFFFFFFFF).to(tl.uint32)[:, None] + zero, (cols // 4).to(tl.uint32)[None, :] + zero,
-                  zero + STREAM_LAYERNORM, (pairs >> 32).to(tl.uint32)[:, None] + zero)
-
-
-@triton.jit
-def _keep(w0, w1, w2, w3, rows, cols, threshold_hi, HALF: tl.constexpr):
-    """Keep mask (M, SUB) of rows (M,) and cols (SUB,) from their pairs' words: slice 4 (r % 2) + c % 4,
-    that is word 2 (r % 2) + (c % 4) // 2, high half when c is odd. HALF is r % 2 when every row has
-    the same (0 or 1), -1 otherwise. The compare runs on the slice moved to the top 16 bits, against
-    the threshold moved there too (threshold_hi)."""
-    low_quad = (cols % 4 < 2)[None, :]
-    if HALF == 0:
-        word = tl.where(low_quad, w0, w1)
-    elif HALF == 1:
-        word = tl.where(low_quad, w2, w3)
-    else:
-        word = tl.where((rows % 2 == 1)[:, None], tl.where(low_quad, w2, w3), tl.where(low_quad, w0, w1))
-    return tl.where((cols % 2 == 1)[None, :], word, word << 16) >= threshold_hi.to(tl.uint32)
-
-
-@triton.jit
 def _ln_fwd_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, seed_ptr,
     n_rows, n_cols, inv_cols, eps, threshold_hi, dropout_scale,
@@ -168,24 +158,21 @@ def _ln_fwd_kernel(
     for k in tl.static_range(NSUB):
         cols = k * SUB + cols0  # (SUB,)
         for h in tl.static_range(PAIR):
-            if HAS_DROPOUT:
-                # The pair's call, written per row: one call feeding both rows' tiles gets another
-                # register layout from Triton (conversions); these two are merged later, by LLVM.
-                w0, w1, w2, w3 = _philox_words(seed, ((rows[h] & -2) >> 1).to(tl.int64), cols)  # (M, SUB)
             offs = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]  # (M, SUB)
             mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)  # (M, SUB) in x's dtype
             if HAS_DROPOUT:
-                # dropout(x) in x's dtype, as F.dropout returns it; then the add, as residual + F.dropout(x).
-                keep = _keep(w0, w1, w2, w3, rows[h], cols, threshold_hi, h if PAIR == 2 else -1)
-                x = (x * tl.where(keep, dropout_scale, 0.0)).to(x_ptr.dtype.element_ty).to(tl.float32)
+                # The bits of a pair's two rows come from one Philox call (the compiler merges the
+                # two rows' identical calls; one call feeding both tiles would get another register
+                # layout from Triton, hence conversions).
+                keep = layernorm_keep(seed, rows[h], k * SUB, cols0, threshold_hi, h if PAIR == 2 else -1)
+                # dropout(x) in x's dtype, as F.dropout returns it.
+                x = (_to_f32(x) * tl.where(keep, dropout_scale, 0.0)).to(x_ptr.dtype.element_ty)
             if HAS_RESIDUAL:
-                x = (x + res).to(s_ptr.dtype.element_ty)
+                # residual + dropout(x), rounded once to s's dtype (x's), as PyTorch's add rounds it.
+                x = _add_rounded(x, tl.load(res_ptr + offs, mask=mask, other=0.0))
                 tl.store(s_ptr + offs, x, mask=mask)
-                x = x.to(tl.float32)  # the statistics come from the value that backward reads
-            s = s + (x,)
+            s = s + (_to_f32(x),)  # the statistics come from the value stored, which backward reads
 
     # Per row: the mean, exact on a constant row (see the docstring), then the variance around it.
     mean = ()
@@ -278,10 +265,10 @@ def _ln_bwd_kernel(
                 o = rows[h].to(tl.int64)[:, None] * n_cols + cols[None, :]  # (M, SUB)
                 mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
                 offs = offs + (o,)
-                s = s + (tl.load(s_ptr + o, mask=mask, other=0.0).to(tl.float32),)
-                dy = dy + (tl.load(dy_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+                s = s + (_to_f32(tl.load(s_ptr + o, mask=mask, other=0.0)),)
+                dy = dy + (_to_f32(tl.load(dy_ptr + o, mask=mask, other=0.0)),)
                 if HAS_DS:
-                    ds = ds + (tl.load(ds_ptr + o, mask=mask, other=0.0).to(tl.float32),)
+                    ds = ds + (_to_f32(tl.load(ds_ptr + o, mask=mask, other=0.0)),)
         w = ()  # reloaded each block (from L1): 12 registers fewer to hold across the loop
         for k in tl.static_range(NSUB):
             if HAS_WEIGHT:
@@ -337,8 +324,7 @@ def _ln_bwd_kernel(
                 mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
                 if HAS_DROPOUT:
                     tl.store(dres_ptr + offs[k * PAIR + h], d.to(dres_ptr.dtype.element_ty), mask=mask)
-                    w0, w1, w2, w3 = _philox_words(seed, ((rows[h] & -2) >> 1).to(tl.int64), cols)  # as forward
-                    keep = _keep(w0, w1, w2, w3, rows[h], cols, threshold_hi, h if PAIR == 2 else -1)
+                    keep = layernorm_keep(seed, rows[h], k * SUB, cols0, threshold_hi, h if PAIR == 2 else -1)  # as forward
                     d = d * tl.where(keep, dropout_scale, 0.0)
                 tl.store(dx_ptr + offs[k * PAIR + h], d.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -383,11 +369,11 @@ def _dropout_mask_kernel(seed_ptr, keep_ptr, row0, n_rows, n_cols, threshold_hi,
     # The same helpers as the forward and backward kernels; the bits depend on (seed, row, col) only.
     # Row i of the output is row row0 + i of x (row0 > 0 only in the tests: rows past 2^32).
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    start_c = tl.program_id(1) * BLOCK_C  # a multiple of 4 (BLOCK_C is, or there is one column block)
+    cols = start_c + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
     mask = (offs_r < n_rows)[:, None] & (cols < n_cols)[None, :]  # (ROWS, BLOCK_C)
     rows = row0 + offs_r.to(tl.int64)  # (ROWS,)
-    w0, w1, w2, w3 = _philox_words(tl.load(seed_ptr), rows // 2, cols)
-    keep = _keep(w0, w1, w2, w3, rows, cols, threshold_hi, -1)  # (ROWS, BLOCK_C)
+    keep = layernorm_keep(tl.load(seed_ptr), rows, start_c, tl.arange(0, BLOCK_C), threshold_hi, -1)  # (ROWS, BLOCK_C)
     tl.store(keep_ptr + offs_r.to(tl.int64)[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
@@ -489,7 +475,8 @@ def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) 
     # Keyed on the arguments' dtypes and kinds: traced calls (fake tensors, symbolic sizes) share
     # the eager calls' entries, so compiled and eager code sum the partials in one order.
     key = (device, tuple(sorted(meta.items())),
-           tuple(a.dtype if isinstance(a, Tensor) else int if isinstance(a, torch.SymInt) else type(a) for a in args))
+           tuple(a.dtype if isinstance(a, Tensor) else int if isinstance(a, torch.SymInt) else type(a)
+                 for a in args))
     if key not in _RESIDENT:
         if traced():  # compile for stand-ins of the same dtypes (16-byte aligned, as real tensors are)
             args = tuple(MockTensor(a.dtype) if isinstance(a, Tensor) else 2 if isinstance(a, torch.SymInt)

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from kernels._common import seed_tensor
-from kernels.dropout import (STREAM_ATTENTION, STREAM_LAYERNORM, attention_keep, dropout_threshold, philox,
-                             rows_keep)
+from kernels.dropout import (STREAM_ATTENTION, STREAM_LAYERNORM, attention_keep, dropout_threshold, layernorm_keep,
+                             philox)
 
 M32 = 0xFFFFFFFF
 
@@ -139,12 +139,14 @@ def attention_keep_np(seed, bh, i, j, threshold):
     return u >= threshold
 
 
-def rows_keep_np(seed, r, c, threshold):
-    """The layer-norm layout of the module docstring, for broadcastable index arrays r, c."""
+def layernorm_keep_np(seed, r, c, threshold):
+    """The layer-norm layout of the module docstring, for broadcastable index arrays r, c: (r, c) takes
+    slice 4 (r % 2) + c % 4 of the call on counter ((r // 2) % 2^32, c // 4, STREAM_LAYERNORM, (r // 2) // 2^32)."""
     r, c = np.broadcast_arrays(np.asarray(r, dtype=np.int64), np.asarray(c, dtype=np.int64))
-    words = philox_np(*_seed_words(seed), c // 8, r & M32, np.full_like(c, STREAM_LAYERNORM.value), r >> 32)
-    slices = _slices_np(words)
-    u = np.take_along_axis(slices, (2 * ((c % 8) // 2) + c % 2)[None], axis=0)[0]
+    pairs = r // 2
+    words = philox_np(*_seed_words(seed), pairs & M32, c // 4, np.full_like(c, STREAM_LAYERNORM.value), pairs >> 32)
+    slices = _slices_np(words)  # (8, ...)
+    u = np.take_along_axis(slices, (4 * (r % 2) + c % 4)[None], axis=0)[0]
     return u >= threshold
 
 
@@ -170,22 +172,32 @@ def test_attention_keep_is_the_documented_layout(block_m, block_n, start_m, star
 
 
 @triton.jit
-def _rows_keep_kernel(seed_ptr, out_ptr, row0, start_c, threshold, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = row0 + tl.arange(0, ROWS).to(tl.int64)
-    keep = rows_keep(tl.load(seed_ptr), rows, start_c, threshold, BLOCK_C)
-    offs = tl.arange(0, ROWS)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    tl.store(out_ptr + offs, keep.to(tl.int8))
+def _layernorm_keep_kernel(seed_ptr, out_ptr, row0, row_step, start_c, threshold_hi,
+                           ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HALF: tl.constexpr, ROWS64: tl.constexpr):
+    """out[i, j] = layernorm_keep of row row0 + i row_step (int64 or int32 indices), column start_c + j."""
+    offs_r = tl.arange(0, ROWS)
+    if ROWS64:
+        rows = row0 + offs_r.to(tl.int64) * row_step
+    else:
+        rows = row0 + offs_r * row_step
+    keep = layernorm_keep(tl.load(seed_ptr), rows, start_c, tl.arange(0, BLOCK_C), threshold_hi, HALF)
+    tl.store(out_ptr + offs_r[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :], keep.to(tl.int8))
 
 
-@pytest.mark.parametrize("rows, block_c, row0, start_c", [
-    (4, 8, 0, 0), (8, 64, 1000, 24), (2, 32, 2**32 - 1, 2**20), (4, 16, 5 * 2**32 + 3, 8)])
-def test_rows_keep_is_the_documented_layout(rows, block_c, row0, start_c, device):
-    seed, threshold = 2**40 + 17, dropout_threshold(0.25).threshold
+@pytest.mark.parametrize("rows, block_c, row0, row_step, start_c, half, rows64", [
+    (4, 8, 0, 1, 0, -1, True), (8, 64, 1001, 1, 24, -1, True), (2, 32, 2**32 - 1, 1, 2**20, -1, True),
+    (4, 16, 5 * 2**32 + 3, 1, 8, -1, True), (4, 16, 2**33 + 6, 2, 0, 0, True), (8, 16, 3, 1, 4, -1, False),
+    (4, 32, 10, 2, 128, 0, False), (4, 32, 7, 2, 256, 1, False)],
+    ids=["rows0", "odd-row0", "rows-2^32", "rows-5x2^32", "even-rows-64", "int32", "even-rows", "odd-rows"])
+@pytest.mark.parametrize("p", [0.25, 0.7])  # threshold << 16 below and above 2^31
+def test_layernorm_keep_is_the_documented_layout(rows, block_c, row0, row_step, start_c, half, rows64, p, device):
+    seed, threshold = 2**40 + 17, dropout_threshold(p).threshold
     out = torch.empty((rows, block_c), dtype=torch.int8, device=device)
-    _rows_keep_kernel[(1,)](seed_tensor(seed, device), out, row0, start_c, threshold, ROWS=rows, BLOCK_C=block_c)
-    r = row0 + np.arange(rows)[:, None]
+    _layernorm_keep_kernel[(1,)](seed_tensor(seed, device), out, row0, row_step, start_c, threshold << 16,
+                                 ROWS=rows, BLOCK_C=block_c, HALF=half, ROWS64=rows64)
+    r = row0 + row_step * np.arange(rows)[:, None]
     c = start_c + np.arange(block_c)[None, :]
-    np.testing.assert_array_equal(out.cpu().numpy().astype(bool), rows_keep_np(seed, r, c, threshold))
+    np.testing.assert_array_equal(out.cpu().numpy().astype(bool), layernorm_keep_np(seed, r, c, threshold))
 
 
 def _binomial_close(count, n, prob, what):

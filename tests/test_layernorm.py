@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import kernels
 from kernels import layernorm as ln
 from kernels import reference as ref
-from kernels.dropout import STREAM_LAYERNORM, dropout_threshold
+from kernels.dropout import dropout_threshold
 from tests.conftest import DTYPES, assert_matches_reference
-from tests.test_dropout import M32, _seed_words, _slices_np, philox_np
+from tests.test_dropout import layernorm_keep_np
 
 SHAPES = [
     pytest.param((1, 3), id="1x3"),
@@ -337,15 +337,8 @@ def test_dropout_bits_do_not_depend_on_tiling(device, monkeypatch):
 
 
 def _ln_keep_np(seed: int, rows: np.ndarray, cols: np.ndarray, p: float) -> np.ndarray:
-    """The layer-norm layout of kernels/layernorm.py's docstring in NumPy: (r, c) takes slice
-    4 (r % 2) + c % 4 of Philox4x32-7 counter (r // 2 low, c // 4, STREAM_LAYERNORM, r // 2 high)."""
-    rows, cols = np.broadcast_arrays(np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64))
-    pairs = rows // 2
-    words = philox_np(*_seed_words(seed), pairs & M32, cols // 4, np.full_like(cols, STREAM_LAYERNORM.value),
-                      pairs >> 32)
-    slices = _slices_np(words)  # (8, ...): slice 2 w + h is half h of word w
-    u = np.take_along_axis(slices, (4 * (rows % 2) + cols % 4)[None], axis=0)[0]
-    return u >= dropout_threshold(p).threshold
+    """The layer-norm layout of kernels/dropout.py's docstring in NumPy (tests/test_dropout.py's)."""
+    return layernorm_keep_np(seed, rows, cols, dropout_threshold(p).threshold)
 
 
 @pytest.mark.parametrize("n_rows, n_cols", [(37, 129), (7, 33), (5, 64), (9, 3), (6, 1)],
