@@ -478,9 +478,10 @@ def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) 
            tuple(a.dtype if isinstance(a, Tensor) else int if isinstance(a, torch.SymInt) else type(a)
                  for a in args))
     if key not in _RESIDENT:
-        if traced():  # compile for stand-ins of the same dtypes (16-byte aligned, as real tensors are)
-            args = tuple(MockTensor(a.dtype) if isinstance(a, Tensor) else 2 if isinstance(a, torch.SymInt)
-                         else a for a in args)
+        # Compiled for stand-ins of the tensors (their dtypes, 16-byte aligned as the allocator's
+        # are): a traced call's tensors have no data, and it must find what an eager call finds.
+        args = tuple(MockTensor(a.dtype) if isinstance(a, Tensor) else 2 if isinstance(a, torch.SymInt)
+                     else a for a in args)
         kernel = _ln_bwd_kernel.warmup(*args, grid=(1,), **meta)
         kernel._init_handles()  # loads the binary: n_regs becomes known
         props = torch.cuda.get_device_properties(device)
