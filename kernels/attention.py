@@ -30,6 +30,11 @@ Dropout bits: kernels.dropout.attention_keep, whose docstring gives the layout. 
 serves the 8 elements (i + {0, 8}) x (j + {0, 1, 8, 9}) that one thread holds in a tensor-core
 accumulator, so the mask is drawn in the accumulator's own layout (no trip through shared memory),
 and it depends on (seed, b, h, i, j) only, never on block shapes, grid or launch order.
+
+The Python layer (see kernels/_common.py): flash_attention checks its inputs and calls the launchers
+directly, through _FlashAttention (a torch.autograd.Function) when a gradient is needed; a traced
+call (torch.compile) goes through the op triton_gpt::flash_attn_fwd instead, a torch.library
+triton_op whose kernels torch.compile sees.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import check_dropout_p, check_float_tensor, seed_tensor
+from kernels._common import (FLOAT_DTYPES, _no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
+                             no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
 from kernels.dropout import attention_keep, dropout_threshold
 
 LOG2E = 1.4426950408889634
@@ -350,9 +356,18 @@ _DEFAULT_CONFIGS = {
 }
 
 
+# The device types these kernels run on in this process ('cuda'; also 'cpu' under the interpreter).
+DEVICE_TYPES = triton_device_types(_attn_fwd_kernel)
+
+
 def _block_d(head_dim: int) -> int:
     """The head dim padded to a power of two, at least tl.dot's minimum of 16."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())  # triton.next_power_of_2, without its call cost
+
+
+def _cdiv(a, b):
+    """ceil(a / b) for the grids (triton.cdiv costs a microsecond a call on Triton 3.9's host)."""
+    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -384,6 +399,18 @@ def configs_for(device, dtype: torch.dtype, head_dim: int, causal: bool, dropout
     return cfgs
 
 
+_LAUNCH_CONFIGS: dict = {}  # (device, dtype, head dim, causal, dropout) -> configs_for(...)
+
+
+def _launch_configs(device, dtype, head_dim, causal, dropout) -> dict:
+    """configs_for, looked up once per process and key (the launchers' hot path)."""
+    key = (device, dtype, head_dim, causal, dropout)
+    cfgs = _LAUNCH_CONFIGS.get(key)
+    if cfgs is None:
+        cfgs = _LAUNCH_CONFIGS[key] = configs_for(device, dtype, head_dim, causal, dropout)
+    return cfgs
+
+
 def config_key(arch: str, dtype: torch.dtype, block_d: int, causal: bool, dropout: bool) -> str:
     """The table's key, e.g. 'sm90 bf16 D64 causal dropout'."""
     name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
@@ -403,97 +430,128 @@ def _positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
     return q, max(scale, _TINY_SCALE) * LOG2E
 
 
-def _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, need_lse=True, *, _config=None):
-    """o (B, Tq, H, D) contiguous, and lse (B, H, Tq) fp32 in base 2 (empty unless need_lse).
+# The launchers. `wrap_triton` is torch.library.wrap_triton when a registered op traces them (see
+# _attn_forward_body) and the identity otherwise; the parameter keeps that name because torch finds
+# the kernels behind an op by reading its source for wrap_triton(<kernel>) calls (torch.compile's
+# caches then key on the kernels' source). `kernel.run(*args, grid=grid, warmup=False)` is what
+# `kernel[grid](*args)` calls, without a lambda and a second packing of the arguments (0.7 us a
+# launch on the host); torch's wrapper takes the same call.
+def _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, need_lse=True, *, _config=None, wrap_triton=_no_wrap):
+    """o (B, Tq, H, D) contiguous, and lse (B, H, Tq) fp32 in base 2, or None unless need_lse.
 
     q (B, Tq, H, D), k and v (B, Tk, H, D) with unit last-dim stride; seed_t: 1-element int64
     tensor, or None when dropout_p == 0. _config overrides the block table (tests, bench/tune.py).
     """
     B, T_q, H, D = q.shape
-    T_k = k.shape[1]
-    block_d = _block_d(D)
+    T_k, D = k.shape[1], int(D)  # D a plain int (a constexpr) even when torch.compile traces symbolic shapes
     threshold, _, keep_scale = dropout_threshold(dropout_p)
     has_dropout = threshold > 0
-    cfg = _config or configs_for(q.device, q.dtype, D, causal, has_dropout)["fwd"]
-    o = torch.empty((B, T_q, H, D), dtype=q.dtype, device=q.device)  # (B, T, H, D)
-    lse = torch.empty((B, H, T_q) if need_lse else (0,), dtype=torch.float32, device=q.device)  # (B, H, T)
+    cfg = _config or _launch_configs(q.device, q.dtype, D, causal, has_dropout)["fwd"]
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, T, H, D)
+    lse = q.new_empty(B, H, T_q, dtype=torch.float32) if need_lse else None  # (B, H, T)
     q, qk_scale = _positive_scale(q, scale)
-    grid = (triton.cdiv(T_q, cfg.block_m), B * H)
-    _attn_fwd_kernel[grid](
+    wrap_triton(_attn_fwd_kernel).run(
         q, k, v, o, lse if need_lse else o, seed_t if has_dropout else q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, T_q, T_k, qk_scale, threshold, keep_scale,
+        grid=(_cdiv(T_q, cfg.block_m), B * H), warmup=False,
         IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, STORE_LSE=need_lse, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_N=cfg.block_n, HEAD_DIM=D, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t, *, _configs=None):
+def _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t, *, _configs=None, wrap_triton=_no_wrap):
     """(dq, dk, dv) for the output gradient do (B, Tq, H, D). _configs: (dkdv, dq) overrides."""
     B, T_q, H, D = q.shape
-    T_k = k.shape[1]
-    block_d = _block_d(D)
+    T_k, D = k.shape[1], int(D)  # as in _attn_forward
     threshold, p_eff, keep_scale = dropout_threshold(dropout_p)
     has_dropout = threshold > 0
     if _configs is None:
-        cfgs = configs_for(q.device, q.dtype, D, causal, has_dropout)
+        cfgs = _launch_configs(q.device, q.dtype, D, causal, has_dropout)
         _configs = (cfgs["dkdv"], cfgs["dq"])
     dkdv_cfg, dq_cfg = _configs
-    do = do.to(q.dtype)
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
     if do.stride(-1) != 1:
         do = do.contiguous()
     # Strided like the inputs where they are dense, contiguous otherwise (views into a packed
     # projection get contiguous gradients; autograd packs them back).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (B, T, H, D) each
-    delta = torch.empty((B, H, T_q), dtype=torch.float32, device=q.device)  # (B, H, T), written by dQ's kernel
+    delta = q.new_empty(B, H, T_q, dtype=torch.float32)  # (B, H, T), written by dQ's kernel
     q_run, qk_scale = _positive_scale(q, scale)
-    common = dict(IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, HEAD_DIM=D, BLOCK_D=block_d,
+    common = dict(IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, HEAD_DIM=D, BLOCK_D=_block_d(D),
                   DOT_PRECISION=_dot_precision(q.dtype))
     seed_arg = seed_t if has_dropout else q
     # dK = s dS^T Q = |s| dS^T q_run; dQ = s dS K. Both and dV carry the 1 / (1 - p) of the loops.
     grad_scale = abs(scale) * keep_scale
     # dQ's kernel first: it also writes delta', which the dK/dV kernel reads.
-    _attn_bwd_dq_kernel[(triton.cdiv(T_q, dq_cfg.block_m), B * H)](
+    wrap_triton(_attn_bwd_dq_kernel).run(
         q_run, k, v, o, do, lse, delta, dq, seed_arg, *q_run.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T_q, T_k, qk_scale,
         math.copysign(grad_scale, scale), threshold, 1.0 - p_eff,
+        grid=(_cdiv(T_q, dq_cfg.block_m), B * H), warmup=False,
         BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, num_warps=dq_cfg.num_warps,
         num_stages=dq_cfg.num_stages, **common)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T_k, dkdv_cfg.block_n), B * H)](
+    wrap_triton(_attn_bwd_dkdv_kernel).run(
         q_run, k, v, do, lse, delta, dk, dv, seed_arg, *q_run.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, T_q, T_k, qk_scale, grad_scale, threshold, keep_scale,
+        grid=(_cdiv(T_k, dkdv_cfg.block_n), B * H), warmup=False,
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, num_warps=dkdv_cfg.num_warps,
         num_stages=dkdv_cfg.num_stages, **common)
     return dq, dk, dv
 
 
-# The launchers registered as torch.library custom ops, so torch.compile treats each as one opaque
-# node (no graph break) and autograd runs _attn_backward. Custom ops return tensors only, never
-# None nor an input: an absent lse is an empty tensor.
-@torch.library.custom_op("triton_gpt::flash_attn_fwd", mutates_args=())
-def _attn_forward_op(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, causal: bool, scale: float,
-                     seed_t: Optional[Tensor], need_lse: bool) -> tuple[Tensor, Tensor]:
-    return _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, need_lse)
+class _FlashAttention(torch.autograd.Function):
+    """Autograd for eager calls: the launchers, with no dispatcher between them and the caller."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p, causal, scale, seed_t):
+        o, lse = _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, True)
+        ctx.save_for_backward(q, k, v, o, lse, seed_t)
+        ctx.args = (dropout_p, causal, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        no_double_backward("kernels.flash_attention")
+        q, k, v, o, lse, seed_t = ctx.saved_tensors
+        dropout_p, causal, scale = ctx.args
+        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t)
+        return dq, dk, dv, None, None, None, None
 
 
-@_attn_forward_op.register_fake
-def _(q, k, v, dropout_p, causal, scale, seed_t, need_lse):
+# The same launchers as torch.library ops, for tracers (torch.compile, FakeTensorMode): see
+# kernels._common.define_op. An op returns tensors only, never None nor an input: an absent lse is
+# an empty tensor.
+_OP_WRAP = op_wrap(_attn_fwd_kernel)
+
+
+def _attn_forward_body(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, causal: bool, scale: float,
+                       seed_t: Optional[Tensor], need_lse: bool) -> tuple[Tensor, Tensor]:
+    o, lse = _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, need_lse, wrap_triton=_OP_WRAP)
+    return o, lse if need_lse else q.new_empty((0,), dtype=torch.float32)
+
+
+def _attn_forward_fake(q, k, v, dropout_p, causal, scale, seed_t, need_lse):
     B, T_q, H, _ = q.shape
     lse = q.new_empty((B, H, T_q) if need_lse else (0,), dtype=torch.float32)  # (B, H, T)
     return q.new_empty(q.shape), lse
 
 
-@torch.library.custom_op("triton_gpt::flash_attn_bwd", mutates_args=())
-def _attn_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dropout_p: float,
-                      causal: bool, scale: float, seed_t: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t)
+def _attn_backward_body(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dropout_p: float,
+                        causal: bool, scale: float, seed_t: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t, wrap_triton=_OP_WRAP)
 
 
-@_attn_backward_op.register_fake
-def _(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t):
+def _attn_backward_fake(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_attn_forward_op = define_op("triton_gpt::flash_attn_fwd", _attn_forward_body, _attn_forward_fake, _attn_fwd_kernel)
+_attn_backward_op = define_op("triton_gpt::flash_attn_bwd", _attn_backward_body, _attn_backward_fake,
+                              _attn_fwd_kernel)
 
 
 def _setup_context(ctx, inputs, output):
@@ -512,57 +570,75 @@ def _backward(ctx, do, _dlse):
 _attn_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q, k, v, causal, softmax_scale):
-    """TypeError / ValueError naming the offending value; nothing is allocated before this."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float_tensor(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-d (B, T, H, D), got shape {tuple(t.shape)}")
-    if not q.dtype == k.dtype == v.dtype:
+def _check_inputs(q, k, v, causal, softmax_scale) -> torch.device:
+    """TypeError / ValueError naming the offending value, TritonDeviceError for a device Triton cannot
+    run on; returns the inputs' device. Nothing is allocated before this. Each test covers q, k and v
+    at once and builds its message only when it fails: about a microsecond when all is well."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_float_tensor(name, t)
+    dtype = q.dtype
+    if not (dtype in FLOAT_DTYPES and k.dtype is dtype and v.dtype is dtype):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_float_tensor(name, t)
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.device == k.device == v.device:
+    if not q.ndim == k.ndim == v.ndim == 4:
+        name, t = next((n, t) for n, t in (("q", q), ("k", k), ("v", v)) if t.ndim != 4)
+        raise ValueError(f"{name} must be 4-d (B, T, H, D), got shape {tuple(t.shape)}")
+    device = q.device
+    if not device == k.device == v.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    (B, T_q, H, D), T_k = q.shape, k.shape[1]
-    if (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D")
-    if min(B, T_q, T_k, H, D) < 1:
-        raise ValueError(f"q, k, v must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if D > MAX_HEAD_DIM:
+    if device.type not in DEVICE_TYPES:
+        raise device_error("kernels.flash_attention", device)
+    (B, T_q, H, D), k_shape = q.shape, k.shape
+    if k_shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
+    if k_shape[0] != B or k_shape[2] != H or k_shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k_shape)} must agree in B, H and D")
+    if not (B and T_q and k_shape[1] and H):
+        raise ValueError(f"q, k, v must be non-empty, got q {tuple(q.shape)}, k {tuple(k_shape)}")
+    if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {D}")
     if B * H > 65535:
         raise ValueError(f"batch * heads must be at most 65535 (one grid axis), got {B * H}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
-    if not isinstance(causal, bool):
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        name, t = next((n, t) for n, t in (("q", q), ("k", k), ("v", v)) if t.stride(-1) != 1)
+        raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
+    if causal is not True and causal is not False:
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
             raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
         if not math.isfinite(softmax_scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return device
 
 
 def flash_attention(q, k, v, dropout_p=0.0, causal=True, softmax_scale=None, seed=None):
     """softmax(q k^T * scale, causal) with dropout on the weights, times v; kernels.reference.attention's twin.
 
     q (B, Tq, H, D), k and v (B, Tk, H, D): any strides with a unit last one (views into a packed
-    (B, T, 3, H, D) projection go in as they are), fp32/fp16/bf16, 1 <= D <= 128. Causal: query i
-    sees keys 0..i. softmax_scale defaults to 1/sqrt(D). dropout_p is applied as the nearest
-    multiple of 2^-16 (kernels.dropout.dropout_threshold), and kept weights are scaled by 1 / (1 - that).
-    seed (int, 1-element int tensor, or None to draw a 63-bit one from torch's generator) picks the
-    dropout mask, see dropout_keep_mask; it is unused when dropout_p == 0. Returns (B, Tq, H, D),
-    contiguous.
+    (B, T, 3, H, D) projection go in as they are), fp32/fp16/bf16, 1 <= D <= 128, on a CUDA GPU (or
+    the CPU under Triton's interpreter; elsewhere kernels.TritonDeviceError says what to do).
+    Causal: query i sees keys 0..i. softmax_scale defaults to 1/sqrt(D). dropout_p is applied as the
+    nearest multiple of 2^-16 (kernels.dropout.dropout_threshold), and kept weights are scaled by
+    1 / (1 - that). seed (int, 1-element int tensor on q's device, or None to draw a 63-bit one from
+    torch's generator) picks the dropout mask, see kernels.attention.dropout_keep_mask; it is unused
+    when dropout_p == 0. Returns (B, Tq, H, D), contiguous.
+
+    An eager call runs the launchers directly (through a torch.autograd.Function when a gradient is
+    needed); a traced one (torch.compile, FakeTensorMode) the registered op triton_gpt::flash_attn_fwd.
     """
-    _check_inputs(q, k, v, causal, softmax_scale)
+    device = _check_inputs(q, k, v, causal, softmax_scale)
     dropout_p = check_dropout_p(dropout_p)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    seed_t = seed_tensor(seed, q.device) if dropout_p > 0.0 else None
+    scale = 1.0 / math.sqrt(int(q.shape[-1])) if softmax_scale is None else float(softmax_scale)
+    seed_t = seed_tensor(seed, device) if dropout_p > 0.0 else None
     need_lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    o, _ = _attn_forward_op(q, k, v, dropout_p, causal, scale, seed_t, need_lse)  # (B, T, H, D)
-    return o
+    if traced():
+        return _attn_forward_op(q, k, v, dropout_p, causal, scale, seed_t, need_lse)[0]  # (B, T, H, D)
+    if need_lse:
+        return _FlashAttention.apply(q, k, v, dropout_p, causal, scale, seed_t)  # (B, T, H, D)
+    return _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, False)[0]  # (B, T, H, D)
 
 
 def dropout_keep_mask(seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device):
@@ -579,7 +655,7 @@ def dropout_keep_mask(seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device)
     device = torch.device(device)
     seed_t = seed_tensor(seed, device)
     mask = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)  # (B, H, Tq, Tk)
-    grid = (batch * heads, triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32))
+    grid = (batch * heads, _cdiv(seqlen_q, 32), _cdiv(seqlen_k, 32))
     _dropout_mask_kernel[grid](mask, seed_t, seqlen_q, seqlen_k, dropout_threshold(dropout_p).threshold,
                                BLOCK_M=32, BLOCK_N=32)
     return mask.bool()

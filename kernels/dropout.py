@@ -64,6 +64,7 @@ and columns; the forward and backward kernels and `kernels.layernorm.dropout_kee
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import triton
@@ -90,6 +91,7 @@ class DropoutThreshold(NamedTuple):
     scale: float  # 1 / (1 - p): what kept values are multiplied by
 
 
+@functools.lru_cache(maxsize=256)  # a launcher asks on every call, with one or two distinct p a run
 def dropout_threshold(p: float) -> DropoutThreshold:
     """(threshold, effective p, scale) for a dropout probability 0 <= p < 1."""
     if not 0.0 <= p < 1.0:

@@ -54,19 +54,26 @@ counters, for real columns only; the bits depend on (seed, row, col) of x viewed
 on the tiles, ROWS or the grid. kernels.dropout's docstring gives the layout; its `layernorm_keep`
 draws the bits in the forward, again in the backward, and in `dropout_keep_mask`. dropout(x) is
 rounded to x's dtype before the add, as residual + F.dropout(x) rounds it.
+
+The Python layer (see kernels/_common.py): layer_norm and add_layer_norm check their inputs and call
+the launchers directly, through _LayerNorm (a torch.autograd.Function) when a gradient is needed; a
+traced call (torch.compile) goes through the op triton_gpt::layer_norm_fwd instead, a torch.library
+triton_op whose kernels torch.compile sees.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
-
 from torch import Tensor
+from triton.runtime.jit import MockTensor
 
-from kernels._common import check_dropout_p, check_float_tensor, seed_tensor
+from kernels._common import (_no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
+                             no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
 from kernels.dropout import dropout_threshold, inline_ptx, layernorm_keep
 
 MAX_COLS = 16384  # a row lives in registers (<= 32 fp32 values a thread per tensor at 16 warps)
@@ -370,6 +377,15 @@ def _dropout_mask_kernel(seed_ptr, keep_ptr, row0, n_rows, n_cols, threshold_hi,
     tl.store(keep_ptr + offs_r.to(tl.int64)[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
+# The device types these kernels run on in this process ('cuda'; also 'cpu' under the interpreter).
+DEVICE_TYPES = triton_device_types(_ln_fwd_kernel)
+
+
+def _next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2, without its call cost (about a microsecond on Triton 3.9's host)."""
+    return 1 << (n - 1).bit_length()
+
+
 class _Config(NamedTuple):
     sub: int  # columns a tile holds: 128 (32 lanes x 4), fewer for narrow rows, more for wide ones
     rows: int  # rows a program holds
@@ -377,10 +393,17 @@ class _Config(NamedTuple):
 
     def meta(self, n_cols: int) -> dict:
         """The kernels' shape constexprs for width n_cols, and num_warps."""
-        return dict(SUB=self.sub, NSUB=triton.cdiv(n_cols, self.sub), NFULL=n_cols // self.sub, ROWS=self.rows,
-                    PAIR=2 if self.rows % 2 == 0 else 1, num_warps=self.num_warps)
+        return _meta(self, n_cols)
 
 
+@functools.lru_cache(maxsize=None)
+def _meta(cfg: _Config, n_cols: int) -> dict:
+    # Cached on the configuration itself, so a test that stands another _config in gets its own.
+    return dict(SUB=cfg.sub, NSUB=-(-n_cols // cfg.sub), NFULL=n_cols // cfg.sub, ROWS=cfg.rows,
+                PAIR=2 if cfg.rows % 2 == 0 else 1, num_warps=cfg.num_warps)
+
+
+@functools.lru_cache(maxsize=None)
 def _config(n_cols: int) -> _Config:
     """Tiles, rows and warps for a width (C padded to a power of two, P below).
 
@@ -389,7 +412,7 @@ def _config(n_cols: int) -> _Config:
     values a thread, no padding). Wider rows: one or two rows a program, tiles of 128 columns a
     warp with every warp along the row, 8 or 16 values a thread (32 at C = 16384).
     """
-    width = triton.next_power_of_2(n_cols)
+    width = _next_power_of_2(n_cols)
     if width <= 512:
         rows = min(64, 8192 // width)
         num_warps = max(1, min(16, rows * width // (32 * (32 if width == 512 else 16))))
@@ -407,9 +430,12 @@ def _max_regs(num_warps: int) -> int:
     return min(255, 65536 // (32 * num_warps))
 
 
+_SIGNIFICAND_BITS = {torch.float16: 11, torch.bfloat16: 8}
+
+
 def _exact_sum(dtype: torch.dtype, n_cols: int) -> bool:
     """Whether the fp32 sum of C equal values of dtype is exact: 16-bit dtypes, C <= 2^(24 - p)."""
-    significand = {torch.float16: 11, torch.bfloat16: 8}.get(dtype)
+    significand = _SIGNIFICAND_BITS.get(dtype)
     return significand is not None and n_cols <= 2 ** (24 - significand)
 
 
@@ -446,9 +472,16 @@ def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) 
     """
     if device.type != "cuda":
         return max(1, min(n_blocks, _INTERPRETER_PROGRAMS))
+    # Keyed on the arguments' dtypes and kinds: traced calls (fake tensors, symbolic sizes) share
+    # the eager calls' entries, so compiled and eager code sum the partials in one order.
     key = (device, tuple(sorted(meta.items())),
-           tuple(a.dtype if isinstance(a, Tensor) else type(a) for a in args))
+           tuple(a.dtype if isinstance(a, Tensor) else int if isinstance(a, torch.SymInt) else type(a)
+                 for a in args))
     if key not in _RESIDENT:
+        # Compiled for stand-ins of the tensors (their dtypes, 16-byte aligned as the allocator's
+        # are): a traced call's tensors have no data, and it must find what an eager call finds.
+        args = tuple(MockTensor(a.dtype) if isinstance(a, Tensor) else 2 if isinstance(a, torch.SymInt)
+                     else a for a in args)
         kernel = _ln_bwd_kernel.warmup(*args, grid=(1,), **meta)
         kernel._init_handles()  # loads the binary: n_regs becomes known
         props = torch.cuda.get_device_properties(device)
@@ -459,174 +492,230 @@ def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) 
     return max(1, min(n_blocks, _RESIDENT[key]))
 
 
-def _ln_forward(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stats):
-    """(y, s, mean, rstd) for contiguous (rows, C) inputs. s is None without a residual (s = x);
+# The launchers, for contiguous (..., C) tensors: a row is a run of C elements, whatever the leading
+# shape, so no (rows, C) view is made. `wrap_triton` is torch.library.wrap_triton when a registered
+# op traces them and the identity otherwise; `kernel.run(..., grid=, warmup=False)` is what
+# `kernel[grid](...)` calls, minus a lambda (see kernels/attention.py, whose launchers do the same).
+def _ln_forward(x, residual, weight, bias, eps, dropout_p, seed_t, save_stats, *, wrap_triton=_no_wrap):
+    """(y, s, mean, rstd) for contiguous (..., C) inputs. s is None without a residual (s = x);
     mean and rstd (fp32, (rows,)) are None unless save_stats; seed_t is needed only with dropout."""
-    n_rows, n_cols = x2d.shape
-    has_residual = residual2d is not None
-    has_dropout = dropout_p > 0.0
-    y = torch.empty_like(x2d)  # (rows, C)
-    s = torch.empty_like(x2d) if has_residual else None  # (rows, C)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x2d.device) if save_stats else None  # (rows,)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device) if save_stats else None  # (rows,)
+    n_cols = int(x.shape[-1])  # a plain int (constexprs) even when torch.compile traces symbolic shapes
+    n_rows = x.numel() // n_cols if n_cols else 0
+    has_residual = residual is not None
+    y = torch.empty_like(x)  # (..., C)
+    s = torch.empty_like(x) if has_residual else None  # (..., C)
+    mean = x.new_empty(n_rows, dtype=torch.float32) if save_stats else None  # (rows,)
+    rstd = x.new_empty(n_rows, dtype=torch.float32) if save_stats else None  # (rows,)
     if n_rows == 0:
         return y, s, mean, rstd
     cfg = _config(n_cols)
     threshold, _, scale = dropout_threshold(dropout_p)
-    _ln_fwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
-        x2d, residual2d, weight, bias, y, s, mean, rstd, seed_t,
+    wrap_triton(_ln_fwd_kernel).run(
+        x, residual, weight, bias, y, s, mean, rstd, seed_t,
         n_rows, n_cols, 1.0 / n_cols, eps, threshold << 16, scale,
+        grid=(-(-n_rows // cfg.rows),), warmup=False,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual,
-        HAS_DROPOUT=has_dropout, SAVE_STATS=save_stats, EXACT_SUM=_exact_sum(x2d.dtype, n_cols),
+        HAS_DROPOUT=dropout_p > 0.0, SAVE_STATS=save_stats, EXACT_SUM=_exact_sum(x.dtype, n_cols),
         maxnreg=_max_regs(cfg.num_warps), **cfg.meta(n_cols),
     )
     return y, s, mean, rstd
 
 
-def _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t):
-    """(dx, dresidual, dweight, dbias) for contiguous (rows, C) tensors.
+def _ln_backward(dy, ds, s, weight, bias, mean, rstd, dropout_p, seed_t, *, wrap_triton=_no_wrap):
+    """(dx, dresidual, dweight, dbias) for contiguous (..., C) tensors of one shape.
 
-    s2d is what was normalized (x for layer_norm); ds2d the gradient that reaches s directly, or
-    None. dresidual is None when it equals dx (no dropout); dweight/dbias are None without a
-    weight/bias and otherwise in the parameter's dtype.
+    s is what was normalized (x for layer_norm); ds the gradient that reaches s directly, or None.
+    dresidual is None when it equals dx (no dropout); dweight/dbias are None without a weight/bias
+    and otherwise in the parameter's dtype.
     """
-    n_rows, n_cols = s2d.shape
+    n_cols = int(s.shape[-1])  # as in _ln_forward
+    n_rows = s.numel() // n_cols if n_cols else 0
     has_dropout = dropout_p > 0.0
-    dx = torch.empty_like(s2d)  # (rows, C)
-    dres = torch.empty_like(s2d) if has_dropout else None  # (rows, C)
-    new = torch.empty if n_rows > 0 else torch.zeros  # with no rows there is no launch: zero sums
-    dweight = new(n_cols, dtype=weight.dtype, device=s2d.device) if weight is not None else None  # (C,)
-    dbias = new(n_cols, dtype=bias.dtype, device=s2d.device) if bias is not None else None  # (C,)
+    dx = torch.empty_like(s)  # (..., C)
+    dres = torch.empty_like(s) if has_dropout else None  # (..., C)
+    new = torch.empty_like if n_rows > 0 else torch.zeros_like  # with no rows there is no launch: zero sums
+    dweight = new(weight) if weight is not None else None  # (C,)
+    dbias = new(bias) if bias is not None else None  # (C,)
     if n_rows == 0:
         return dx, dres, dweight, dbias
     cfg = _config(n_cols)
     n_sums = (weight is not None) + (bias is not None)
     # 16-bit rows of 2 or 3 tiles of 128 in pairs (the model's C = 384) fit 128 registers a thread:
     # capped there, two 8-warp programs share an SM, so one's loads hide behind the other's math.
-    fits_128 = cfg.rows % 2 == 0 and cfg.sub == 128 and 128 < n_cols <= 384 and s2d.element_size() == 2
+    fits_128 = cfg.rows % 2 == 0 and cfg.sub == 128 and 128 < n_cols <= 384 and s.element_size() == 2
     meta = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-                HAS_DS=ds2d is not None, maxnreg=128 if fits_128 else _max_regs(cfg.num_warps), **cfg.meta(n_cols))
+                HAS_DS=ds is not None, maxnreg=128 if fits_128 else _max_regs(cfg.num_warps), **cfg.meta(n_cols))
     threshold, _, scale = dropout_threshold(dropout_p)
-    args = [dy2d, ds2d, s2d, weight, mean, rstd, seed_t, dx, dres, mean if n_sums else None,
+    args = [dy, ds, s, weight, mean, rstd, seed_t, dx, dres, mean if n_sums else None,
             n_rows, n_cols, 1.0 / n_cols, threshold << 16, scale]
     # The partials' stand-in while sizing the grid: mean, an fp32 tensor aligned as the buffer is.
-    n_progs = _bwd_programs(triton.cdiv(n_rows, cfg.rows), tuple(args), meta, s2d.device)
+    n_progs = _bwd_programs(-(-n_rows // cfg.rows), tuple(args), meta, s.device)
     if n_sums:
-        args[9] = torch.empty(n_progs, n_sums, n_cols, dtype=torch.float32, device=s2d.device)  # (P, K, C)
-    _ln_bwd_kernel[(n_progs,)](*args, **meta)
+        args[9] = s.new_empty(n_progs, n_sums, n_cols, dtype=torch.float32)  # (P, K, C)
+    wrap_triton(_ln_bwd_kernel).run(*args, grid=(n_progs,), warmup=False, **meta)
     if n_sums:
-        _ln_bwd_reduce_kernel[(triton.cdiv(n_sums * n_cols, 64),)](
-            args[9], dweight, dbias, n_progs, n_cols, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_P=32, BLOCK_N=64, num_warps=4,
+        wrap_triton(_ln_bwd_reduce_kernel).run(
+            args[9], dweight, dbias, n_progs, n_cols, grid=(-(-n_sums * n_cols // 64),), warmup=False,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_P=32, BLOCK_N=64, num_warps=4,
         )
     return dx, dres, dweight, dbias
 
 
-# The launchers registered as torch.library custom ops, so torch.compile treats each as one opaque
-# node (no graph break) and autograd runs _ln_backward. Custom ops return tensors only, never None
-# nor an input: an absent output is an empty tensor.
-@torch.library.custom_op("triton_gpt::layer_norm_fwd", mutates_args=())
-def _ln_forward_op(x2d: Tensor, residual2d: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float, dropout_p: float, seed_t: Optional[Tensor], save_stats: bool
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, s, mean, rstd = _ln_forward(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stats)
-    return (y, x2d.new_empty(0) if s is None else s,
-            x2d.new_empty(0, dtype=torch.float32) if mean is None else mean,
-            x2d.new_empty(0, dtype=torch.float32) if rstd is None else rstd)
+def _grads(dy, ds, s, weight, bias, mean, rstd, dropout_p, seed_t, has_residual, backward):
+    """Autograd's (dx, dresidual, dweight, dbias) from the outputs' gradients dy and ds, either of
+    which may be None (an output the loss does not use), through `backward` (the launcher, or the op)."""
+    dy = torch.zeros_like(s) if dy is None else dy.contiguous()  # (..., C)
+    ds = ds.contiguous() if ds is not None and ds.numel() else None  # (..., C)
+    dx, dres, dweight, dbias = backward(dy, ds, s, weight, bias, mean, rstd, dropout_p, seed_t)
+    dres = (dres if dropout_p > 0.0 else dx) if has_residual else None
+    return dx, dres, dweight if weight is not None else None, dbias if bias is not None else None
 
 
-@_ln_forward_op.register_fake
-def _(x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stats):
-    n_stats = x2d.shape[0] if save_stats else 0
-    stats = x2d.new_empty(n_stats, dtype=torch.float32)  # (rows,) or (0,)
-    s = torch.empty_like(x2d) if residual2d is not None else x2d.new_empty(0)
-    return torch.empty_like(x2d), s, stats, torch.empty_like(stats)
+class _LayerNorm(torch.autograd.Function):
+    """Autograd for eager calls: layer_norm (residual None: returns y) and add_layer_norm ((y, s)),
+    the launchers with no dispatcher between them and the caller."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed_t):
+        y, s, mean, rstd = _ln_forward(x, residual, weight, bias, eps, dropout_p, seed_t, True)
+        # What was normalized: s with a residual, else x itself. xhat is recomputed from it.
+        ctx.save_for_backward(x if s is None else s, weight, bias, mean, rstd, seed_t)
+        ctx.dropout_p, ctx.has_residual = dropout_p, s is not None
+        ctx.set_materialize_grads(False)  # dy or ds is None when y or s is not used later
+        return y if s is None else (y, s)
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        no_double_backward("kernels.add_layer_norm" if ctx.has_residual else "kernels.layer_norm")
+        s, weight, bias, mean, rstd, seed_t = ctx.saved_tensors
+        dx, dres, dweight, dbias = _grads(dy, ds, s, weight, bias, mean, rstd, ctx.dropout_p, seed_t,
+                                          ctx.has_residual, _ln_backward)
+        return dx, dres, dweight, dbias, None, None, None
 
 
-@torch.library.custom_op("triton_gpt::layer_norm_bwd", mutates_args=())
-def _ln_backward_op(dy2d: Tensor, ds2d: Optional[Tensor], s2d: Tensor, weight: Optional[Tensor],
-                    bias: Optional[Tensor], mean: Tensor, rstd: Tensor, dropout_p: float, seed_t: Optional[Tensor]
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dres, dweight, dbias = _ln_backward(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t)
-    return (dx, s2d.new_empty(0) if dres is None else dres, s2d.new_empty(0) if dweight is None else dweight,
-            s2d.new_empty(0) if dbias is None else dbias)
+# The same launchers as torch.library ops, for tracers (torch.compile, FakeTensorMode): see
+# kernels._common.define_op. An op returns tensors only, never None nor an input: an absent output
+# is an empty tensor.
+_OP_WRAP = op_wrap(_ln_fwd_kernel)
 
 
-@_ln_backward_op.register_fake
-def _(dy2d, ds2d, s2d, weight, bias, mean, rstd, dropout_p, seed_t):
-    dres = torch.empty_like(s2d) if dropout_p > 0.0 else s2d.new_empty(0)
-    dweight = torch.empty_like(weight) if weight is not None else s2d.new_empty(0)
-    dbias = torch.empty_like(bias) if bias is not None else s2d.new_empty(0)
-    return torch.empty_like(s2d), dres, dweight, dbias
+def _ln_forward_body(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                     eps: float, dropout_p: float, seed_t: Optional[Tensor], save_stats: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, s, mean, rstd = _ln_forward(x, residual, weight, bias, eps, dropout_p, seed_t, save_stats, wrap_triton=_OP_WRAP)
+    return (y, x.new_empty((0,)) if s is None else s,
+            x.new_empty((0,), dtype=torch.float32) if mean is None else mean,
+            x.new_empty((0,), dtype=torch.float32) if rstd is None else rstd)
+
+
+def _ln_forward_fake(x, residual, weight, bias, eps, dropout_p, seed_t, save_stats):
+    n_stats = x.numel() // x.shape[-1] if save_stats and x.shape[-1] else 0
+    stats = x.new_empty((n_stats,), dtype=torch.float32)  # (rows,) or (0,)
+    s = torch.empty_like(x) if residual is not None else x.new_empty((0,))
+    return torch.empty_like(x), s, stats, torch.empty_like(stats)
+
+
+def _ln_backward_body(dy: Tensor, ds: Optional[Tensor], s: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      mean: Tensor, rstd: Tensor, dropout_p: float, seed_t: Optional[Tensor]
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dres, dweight, dbias = _ln_backward(dy, ds, s, weight, bias, mean, rstd, dropout_p, seed_t,
+                                            wrap_triton=_OP_WRAP)
+    return (dx, s.new_empty((0,)) if dres is None else dres, s.new_empty((0,)) if dweight is None else dweight,
+            s.new_empty((0,)) if dbias is None else dbias)
+
+
+def _ln_backward_fake(dy, ds, s, weight, bias, mean, rstd, dropout_p, seed_t):
+    dres = torch.empty_like(s) if dropout_p > 0.0 else s.new_empty((0,))
+    dweight = torch.empty_like(weight) if weight is not None else s.new_empty((0,))
+    dbias = torch.empty_like(bias) if bias is not None else s.new_empty((0,))
+    return torch.empty_like(s), dres, dweight, dbias
+
+
+_ln_forward_op = define_op("triton_gpt::layer_norm_fwd", _ln_forward_body, _ln_forward_fake, _ln_fwd_kernel)
+_ln_backward_op = define_op("triton_gpt::layer_norm_bwd", _ln_backward_body, _ln_backward_fake, _ln_fwd_kernel)
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, residual2d, weight, bias, eps, dropout_p, seed_t, save_stats = inputs
+    x, residual, weight, bias, eps, dropout_p, seed_t, save_stats = inputs
     y, s, mean, rstd = output
-    # What was normalized: s with a residual, else x itself. xhat is recomputed from it.
-    ctx.save_for_backward(s if residual2d is not None else x2d, weight, bias, mean, rstd, seed_t)
-    ctx.has_residual = residual2d is not None
+    ctx.save_for_backward(s if residual is not None else x, weight, bias, mean, rstd, seed_t)
+    ctx.has_residual = residual is not None
     ctx.dropout_p = dropout_p
     ctx.set_materialize_grads(False)  # dy or ds is None when y or s is not used later
 
 
 def _backward(ctx, dy, ds, _dmean, _drstd):
-    s2d, weight, bias, mean, rstd, seed_t = ctx.saved_tensors
-    dy = torch.zeros_like(s2d) if dy is None else dy.contiguous()  # (rows, C)
-    ds = ds.contiguous() if ds is not None and ds.numel() else None  # (rows, C)
-    dx, dres, dweight, dbias = _ln_backward_op(dy, ds, s2d, weight, bias, mean, rstd, ctx.dropout_p, seed_t)
-    dres = (dres if ctx.dropout_p > 0.0 else dx) if ctx.has_residual else None
-    return (dx, dres, dweight if weight is not None else None, dbias if bias is not None else None,
-            None, None, None, None)
+    s, weight, bias, mean, rstd, seed_t = ctx.saved_tensors
+    grads = _grads(dy, ds, s, weight, bias, mean, rstd, ctx.dropout_p, seed_t, ctx.has_residual, _ln_backward_op)
+    return (*grads, None, None, None, None)
 
 
 _ln_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x, residual, weight, bias, eps) -> int:
-    """Validate the inputs (before anything is allocated); returns C."""
+def _check(caller, x, residual, weight, bias, eps) -> None:
+    """TypeError / ValueError naming the offending value, TritonDeviceError for a device Triton cannot
+    run on. Nothing is allocated before this; messages are built only when a test fails."""
     check_float_tensor("x", x)
-    if x.dim() == 0 or not 1 <= x.shape[-1] <= MAX_COLS:
-        raise ValueError(f"x must have a last dimension C in [1, {MAX_COLS}], got shape {tuple(x.shape)}")
-    n_cols = x.shape[-1]
+    shape, device = x.shape, x.device
+    if not shape or not 1 <= shape[-1] <= MAX_COLS:
+        raise ValueError(f"x must have a last dimension C in [1, {MAX_COLS}], got shape {tuple(shape)}")
     if residual is not None:
         check_float_tensor("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.shape != shape:
+            raise ValueError(f"residual must have x's shape {tuple(shape)}, got {tuple(residual.shape)}")
         if residual.dtype != x.dtype:
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_float_tensor(name, t)
-            if tuple(t.shape) != (n_cols,):
-                raise ValueError(f"{name} must have shape (C,) = ({n_cols},), got {tuple(t.shape)}")
-    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}: all tensors must share a device")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    return n_cols
+        _check_device("residual", residual, device)
+    if weight is not None:
+        _check_param("weight", weight, shape[-1], device)
+    if bias is not None:
+        _check_param("bias", bias, shape[-1], device)
+    if device.type not in DEVICE_TYPES:
+        raise device_error(caller, device)
+    if type(eps) is not float or not eps > 0.0:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, got {eps}")
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _check_param(name, t, n_cols, device) -> None:
+    check_float_tensor(name, t)
+    if t.shape != (n_cols,):
+        raise ValueError(f"{name} must have shape (C,) = ({n_cols},), got {tuple(t.shape)}")
+    _check_device(name, t, device)
+
+
+def _check_device(name, t, device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, x on {device}: all tensors must share a device")
+
+
+def _needs_grad(x, residual, weight, bias) -> bool:
+    """Whether autograd needs the backward: grad mode on and an input that requires grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                        or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """layer_norm over the last dimension of x (..., C); y in x's dtype, weight and bias optional.
 
     Differentiable in x, weight and bias; dweight/dbias come back in the parameters' dtype.
+    On a CUDA GPU (or the CPU under Triton's interpreter; elsewhere kernels.TritonDeviceError).
     """
-    n_cols = _check(x, None, weight, bias, eps)
-    eps = float(eps)
+    _check("kernels.layer_norm", x, None, weight, bias, eps)
     x = x.contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    save_stats = _needs_grad(x, weight, bias)
-    y, _, _, _ = _ln_forward_op(x.view(-1, n_cols), None, weight, bias, eps, 0.0, None, save_stats)  # (rows, C)
-    return y.view(x.shape)
+    save_stats = _needs_grad(x, None, weight, bias)
+    eps = float(eps)
+    if traced():
+        return _ln_forward_op(x, None, weight, bias, eps, 0.0, None, save_stats)[0]  # (..., C)
+    if save_stats:
+        return _LayerNorm.apply(x, None, weight, bias, eps, 0.0, None)  # (..., C)
+    return _ln_forward(x, None, weight, bias, eps, 0.0, None, False)[0]  # (..., C)
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0, seed=None):
@@ -634,21 +723,26 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
 
     Dropout drops an element with probability p_eff = round(dropout_p * 65536) / 65536 (dropout_p
     quantized to 1/65536: kernels.dropout.dropout_threshold) and scales the kept ones by
-    1 / (1 - p_eff); its bits depend only on seed (an int below 2^63, a 1-element integer tensor, or
-    None to draw one from torch's generator) and the element's (row, col) in x viewed as (rows, C):
-    see dropout_keep_mask.
+    1 / (1 - p_eff); its bits depend only on seed (an int below 2^63, a 1-element integer tensor on
+    x's device, or None to draw one from torch's generator) and the element's (row, col) in x
+    viewed as (rows, C): see kernels.layernorm.dropout_keep_mask. On a CUDA GPU (or the CPU under
+    Triton's interpreter; elsewhere kernels.TritonDeviceError).
     """
-    n_cols = _check(x, residual, weight, bias, eps)
-    eps = float(eps)
+    _check("kernels.add_layer_norm", x, residual, weight, bias, eps)
     dropout_p = check_dropout_p(dropout_p)
     seed_t = seed_tensor(seed, x.device) if dropout_p > 0.0 else None  # (1,) int64
     x, residual = x.contiguous(), residual.contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     save_stats = _needs_grad(x, residual, weight, bias)
-    x2d, res2d = x.view(-1, n_cols), residual.view(-1, n_cols)  # (rows, C) each
-    y, s, _, _ = _ln_forward_op(x2d, res2d, weight, bias, eps, dropout_p, seed_t, save_stats)  # (rows, C) x2
-    return y.view(x.shape), s.view(x.shape)
+    eps = float(eps)
+    if traced():
+        y, s, _, _ = _ln_forward_op(x, residual, weight, bias, eps, dropout_p, seed_t, save_stats)
+        return y, s  # (..., C) each
+    if save_stats:
+        return _LayerNorm.apply(x, residual, weight, bias, eps, dropout_p, seed_t)  # (..., C) each
+    y, s, _, _ = _ln_forward(x, residual, weight, bias, eps, dropout_p, seed_t, False)
+    return y, s  # (..., C) each
 
 
 def dropout_keep_mask(seed, n_rows, n_cols, dropout_p, device):

@@ -79,13 +79,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.ops = backend_ops(config.backend)
 
-    def forward(self, h):
-        """h (B, T, C), the normed residual stream -> the attention branch's output (B, T, C)."""
+    def forward(self, h, seed=None):
+        """h (B, T, C), the normed residual stream -> the attention branch's output (B, T, C).
+        seed: the dropout seed for the triton backend (see GPT._dropout_seeds), else None."""
         B, T, C = h.shape
         qkv = self.qkv(h).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, H, D)
         q, k, v = qkv.unbind(2)  # each (B, T, H, D), a strided view
         p = self.dropout if self.training else 0.0
-        y = self.ops.attention(q, k, v, p)  # (B, T, H, D)
+        y = self.ops.attention(q, k, v, p, seed=seed)  # (B, T, H, D)
         return self.proj(y.reshape(B, T, C))  # (B, T, C)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -135,18 +136,21 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.ops = backend_ops(config.backend)
 
-    def forward(self, branch, residual):
+    def forward(self, branch, residual, seeds=(None, None, None)):
         """branch: the previous block's feed-forward output (B, T, C), or None for the first block;
-        residual: the residual stream (B, T, C). Returns (this block's feed-forward output, the
-        residual stream it is to be added to), both (B, T, C)."""
+        residual: the residual stream (B, T, C); seeds: the dropout seeds of the block's three
+        dropout calls, in order (see GPT._dropout_seeds). Returns (this block's feed-forward output,
+        the residual stream it is to be added to), both (B, T, C)."""
         p = self.dropout if self.training else 0.0
         ln1, ln2 = self.ln1, self.ln2
         if branch is None:
             x = residual
             h = self.ops.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)  # (B, T, C)
         else:
-            h, x = self.ops.add_layer_norm(branch, residual, ln1.weight, ln1.bias, ln1.eps, p)  # (B, T, C) x2
-        h, x = self.ops.add_layer_norm(self.sa(h), x, ln2.weight, ln2.bias, ln2.eps, p)  # (B, T, C) x2
+            h, x = self.ops.add_layer_norm(branch, residual, ln1.weight, ln1.bias, ln1.eps, p,
+                                           seed=seeds[0])  # (B, T, C) x2
+        y = self.sa(h, seed=seeds[1])  # (B, T, C)
+        h, x = self.ops.add_layer_norm(y, x, ln2.weight, ln2.bias, ln2.eps, p, seed=seeds[2])  # (B, T, C) x2
         return self.ffwd(h), x  # (B, T, C) x2
 
 
@@ -187,7 +191,9 @@ class GPT(nn.Module):
 
         The model is on the CPU, in eval mode, with the checkpoint's weights; move it with .to(device).
         backend: which ops to run; None keeps the checkpoint's, except that a triton checkpoint runs
-        the torch ops where no CUDA GPU is available (the triton ops need one).
+        the torch ops where no CUDA GPU is available: the same math, where the triton ops would raise
+        kernels.TritonDeviceError (or, under Triton's interpreter, run orders of magnitude slower).
+        Pass backend="triton" to have the kernels all the same.
         The tokenizer (model.data.CharTokenizer) is the checkpoint's vocabulary: encode, decode.
         Raises CheckpointError (a ValueError) with a one-line reason for a file it cannot use.
 
@@ -226,21 +232,38 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        self.ops.check_device(idx.device)  # the triton backend: kernels.TritonDeviceError, saying what to do
+        seeds = self._dropout_seeds(idx.device)
         pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (B, T, C)
         if self.residual_in_compute_dtype and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         branch = None
-        for block in self.blocks:
-            branch, x = block(branch, x)  # (B, T, C) x2
+        for i, block in enumerate(self.blocks):
+            branch, x = block(branch, x, seeds[3 * i : 3 * i + 3])  # (B, T, C) x2
         p = self.config.dropout if self.training else 0.0
         ln_f = self.ln_f
-        h, _ = self.ops.add_layer_norm(branch, x, ln_f.weight, ln_f.bias, ln_f.eps, p)  # (B, T, C)
+        h, _ = self.ops.add_layer_norm(branch, x, ln_f.weight, ln_f.bias, ln_f.eps, p, seed=seeds[-1])  # (B, T, C)
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
+
+    def _dropout_seeds(self, device) -> tuple:
+        """One dropout seed per dropout call of a forward: each block's three (its first add-and-norm,
+        which the first block does not have, attention, its second add-and-norm), then ln_f's.
+
+        For the triton backend in training: (1,) int64 views of ONE draw from torch's generator on the
+        device, instead of a draw inside every op (one launch and one small allocation each). Drawn in
+        the forward, so a captured CUDA graph draws fresh seeds, hence fresh masks, on every replay.
+        Otherwise Nones: the other backends draw from torch's generator inside each op, and eval mode
+        draws nothing.
+        """
+        n = 3 * self.config.n_layer + 1
+        if self.ops.draws_seeds and self.training and self.config.dropout > 0.0:
+            return torch.randint(0, 2**63 - 1, (n,), device=device, dtype=torch.int64).split(1)  # n x (1,)
+        return (None,) * n
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
