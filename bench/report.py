@@ -36,6 +36,8 @@ with the seconds the first GPU run reports (the section's "took s" column).
   compile-loops      torch-compile-rog: the torch loop under torch.compile(mode=             80 s  120 s
                      "reduce-overhead"), step and evaluation (two whole-model compiles)
   compile-layernorm  the torch.compile'd LayerNorm peers at (16384, 384) bf16 (4 compiles)   55 s   90 s
+  host               host time per call, our ops' Python layers against the torch ops', at    25 s   50 s
+                     tiny shapes, our launches stubbed and real (bench/test_bench_host.py)
   attention-long     every attention provider at B16-T1024                                   35 s   60 s
 
 cost and train-compare run beside the tests; every other stage runs alone, one after another, so
@@ -45,8 +47,8 @@ compile-based peers (compile-*) have 30% of it to themselves, the rest is for ev
 pool when its turn comes, and then with its limit cut to what is left, so the whole report stays
 within the budget even when every stage runs to its limit; a stage that does not fit is dropped,
 and the output and the section say which and why. By the estimates, the default budget runs
-everything up to compile-loops, and attention-long; compile-layernorm runs when the stages before it
-finished early. `--plan` prints this plan for the given options.
+everything up to compile-loops, and host; compile-layernorm and attention-long run when the stages
+before them finished early. `--plan` prints this plan for the given options.
 
 --full-run is a report of its own: `python train.py` (ours: triton, bf16, CUDA graphs, the defaults
 on a GPU) and then `python train.py --backend torch --dtype bfloat16 --compile reduce-overhead` (the
@@ -153,6 +155,7 @@ def _train(data: Path, out: Path, *flags) -> Command:
 
 
 ATTN, LN, LOOPS = "bench/test_bench_attention.py", "bench/test_bench_layernorm.py", "bench/test_bench_train_step.py"
+HOST = "bench/test_bench_host.py"
 
 
 def build_stages(args, work: Path) -> list:
@@ -199,14 +202,16 @@ def build_stages(args, work: Path) -> list:
               "bench", 80, 120, _bench(work, "compile-loops", [LOOPS], "torch-compile-rog"), 7, pool="compile"),
         Stage("compile-layernorm", "the torch.compile'd LayerNorm peers at 16384x384 bf16", "bench", 55, 90,
               _bench(work, "compile-layernorm", [LN], "16384x384 and compile and bf16"), 8, pool="compile"),
+        Stage("host", "host time per call: our ops' Python layers against the torch ops'", "bench", 25, 50,
+              _bench(work, "host", [HOST], "host"), 9),
         Stage("attention-long", "every attention provider at B16-T1024", "bench", 35, 60,
-              _bench(work, "attention-long", [ATTN], "B16-T1024"), 9),
+              _bench(work, "attention-long", [ATTN], "B16-T1024"), 10),
     ]
 
 
 STAGE_NAMES = ["ours-attention", "ours-layernorm", "ours-loop", "tests", "cost", "train-compare", "peers-attention",
-               "peers-layernorm", "peers-loops", "compile-loops", "compile-layernorm", "attention-long", "race-ours",
-               "race-torch"]
+               "peers-layernorm", "peers-loops", "compile-loops", "compile-layernorm", "host", "attention-long",
+               "race-ours", "race-torch"]
 
 
 def mark_unrunnable(stages: list, args) -> None:
@@ -719,6 +724,22 @@ def layernorm_table(results):
     return lines
 
 
+def host_table(results):
+    """Host time per call (bench/test_bench_host.py): ours against the torch ops, launches stubbed
+    (our Python layer alone) and real (Triton's launcher too; the torch ops launch for real in both)."""
+    rows = [r for r in _rows(results, "test_bench_host") if r.get("host_us") is not None]
+    if not rows:
+        return ["(not measured)"]
+    by = {(r["op"], r["mode"], r["launch"], r["provider"]): r["host_us"] for r in rows}
+    lines = ["| op | mode | our launches | ours us | torch us | ours / torch |", "|---|---|---|---:|---:|---:|"]
+    for op, mode, launch in sorted({k[:3] for k in by}):
+        ours, torch_us = by.get((op, mode, launch, "triton")), by.get((op, mode, launch, "torch"))
+        ratio = f"{ours / torch_us:.2f}" if ours and torch_us else "-"
+        lines.append(f"| {op} | {mode} | {launch} | {ours if ours is not None else '-'} "
+                     f"| {torch_us if torch_us is not None else '-'} | {ratio} |")
+    return lines
+
+
 LOOP_ORDER = ["triton-graphs", "triton-eager", "torch-compile-rog", "torch-eager", "seed"]
 
 
@@ -948,6 +969,8 @@ def render(report) -> str:
                   *_guard(attention_table, report["benchmarks"]), "",
                   "LayerNorm, GPU time (do_bench median) and our GB/s:", "",
                   *_guard(layernorm_table, report["benchmarks"]), "",
+                  "Host time per call, median (bench/test_bench_host.py; our launches stubbed out, or real):", "",
+                  *_guard(host_table, report["benchmarks"]), "",
                   "Training step (B=64, T=256, the model's shape; a loop of 50 steps, one synchronize):", "",
                   *_guard(train_step_table, report["benchmarks"]), "",
                   *_guard(tests_lines, report), ""]

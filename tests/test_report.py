@@ -41,9 +41,13 @@ def _report():
                                 "outcome": 0},
                 "reference-fp32": {"steps": [[0, 4.2, 4.2], [250, 2.0, 2.07]], "command": "python train.py",
                                    "outcome": 0}}
+    host = [{"name": f"test_bench_host[attention-{p}-fwd-{launch}]", "op": "attention", "provider": p,
+             "mode": "fwd", "launch": launch, "host_us": us}
+            for p, launch, us in (("triton", "stubbed", 6.0), ("torch", "stubbed", 8.0), ("triton", "real", 12.0),
+                                  ("torch", "real", 8.0))]
     report = rep.new_report(gpu="NVIDIA H100 80GB HBM3", torch="2.11", triton="3.6.0", cuda="13.0",
                             command="python bench/report.py", date="2026-11-28 07:00 UTC")
-    report.update(benchmarks=att + ln + step, training=training, budget_s=360, seconds=300.0)
+    report.update(benchmarks=att + ln + step + host, training=training, budget_s=360, seconds=300.0)
     report["stages"] = {"tests": {"what": "tests/", "kind": "tests", "estimate_s": 75, "limit_s": 150,
                                   "status": "failed", "reason": "tests failed (worker0)", "seconds": 90.0,
                                   "exits": {"worker0": 1, "worker1": 0}, "counts": {"passed": 300, "failed": 1},
@@ -57,6 +61,8 @@ def test_render_computes_ratios_from_the_same_run():
     assert "| (64, 256, 6, 64) | 0.2 | fwd+bwd | 100.0 | 250.0 | 200.0 | - | 800.0 | 2.00x |" in text
     assert "| layer_norm | fwd | bfloat16 | (16384, 384) | 10.0 (2500) | torch 30.0 | 3.00x |" in text
     assert "| torch-compile-rog | 6.60 |" in text and "| 1.65x |" in text
+    assert "| attention | fwd | real | 12.0 | 8.0 | 1.50 |" in text  # host time, ours / torch
+    assert "| attention | fwd | stubbed | 6.0 | 8.0 | 0.75 |" in text
     assert "| 250 | 2.0500 | 2.0700 | -0.0200 |" in text
     assert text.startswith("## 2026-11-28 07:00 UTC: NVIDIA H100 80GB HBM3")
     assert "300 passed, 1 failed" in text and "- tests/test_x.py::test_y: failed: assert 0" in text
