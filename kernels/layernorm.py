@@ -439,6 +439,26 @@ def _exact_sum(dtype: torch.dtype, n_cols: int) -> bool:
     return significand is not None and n_cols <= 2 ** (24 - significand)
 
 
+# The launchers' keyword arguments, built once per configuration and flags (a dict built on every
+# call cost a microsecond or two of host time); keyed on the configuration itself, as _meta is.
+@functools.lru_cache(maxsize=None)
+def _fwd_meta(cfg: _Config, n_cols: int, dtype: torch.dtype, has_weight: bool, has_bias: bool,
+              has_residual: bool, has_dropout: bool, save_stats: bool) -> dict:
+    return dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
+                SAVE_STATS=save_stats, EXACT_SUM=_exact_sum(dtype, n_cols), maxnreg=_max_regs(cfg.num_warps),
+                **cfg.meta(n_cols))
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_meta(cfg: _Config, n_cols: int, element_size: int, has_weight: bool, has_bias: bool, has_dropout: bool,
+              has_ds: bool) -> dict:
+    # 16-bit rows of 2 or 3 tiles of 128 in pairs (the model's C = 384) fit 128 registers a thread:
+    # capped there, two 8-warp programs share an SM, so one's loads hide behind the other's math.
+    fits_128 = cfg.rows % 2 == 0 and cfg.sub == 128 and 128 < n_cols <= 384 and element_size == 2
+    return dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, HAS_DS=has_ds,
+                maxnreg=128 if fits_128 else _max_regs(cfg.num_warps), **cfg.meta(n_cols))
+
+
 def _mask_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK_C, ROWS) of dropout_keep_mask's kernel: column blocks of up to 256, 1024 elements (8 a
     thread: every element makes its own Philox call here)."""
@@ -472,12 +492,14 @@ def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) 
     """
     if device.type != "cuda":
         return max(1, min(n_blocks, _INTERPRETER_PROGRAMS))
-    # Keyed on the arguments' dtypes and kinds: traced calls (fake tensors, symbolic sizes) share
-    # the eager calls' entries, so compiled and eager code sum the partials in one order.
-    key = (device, tuple(sorted(meta.items())),
-           tuple(a.dtype if isinstance(a, Tensor) else int if isinstance(a, torch.SymInt) else type(a)
-                 for a in args))
-    if key not in _RESIDENT:
+    # Keyed on the launch's flags and the dtypes of dy, ds, s and weight (which of the other
+    # arguments are None, and their dtypes, follow from those): traced calls (fake tensors,
+    # symbolic sizes) share the eager calls' entries, so compiled and eager code sum the partials in
+    # one order. meta is _bwd_meta's cached dict, one object per configuration for the process, so
+    # its id stands for its contents (a key of its items cost about 3 us a call).
+    key = (device, id(meta), *(None if a is None else a.dtype for a in args[:4]))
+    n_progs = _RESIDENT.get(key)
+    if n_progs is None:
         # Compiled for stand-ins of the tensors (their dtypes, 16-byte aligned as the allocator's
         # are): a traced call's tensors have no data, and it must find what an eager call finds.
         args = tuple(MockTensor(a.dtype) if isinstance(a, Tensor) else 2 if isinstance(a, torch.SymInt)
@@ -488,8 +510,8 @@ def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) 
         per_sm = _blocks_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps,
                                 getattr(props, "regs_per_multiprocessor", 65536),
                                 props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor)
-        _RESIDENT[key] = per_sm * props.multi_processor_count
-    return max(1, min(n_blocks, _RESIDENT[key]))
+        n_progs = _RESIDENT[key] = per_sm * props.multi_processor_count
+    return max(1, min(n_blocks, n_progs))
 
 
 # The launchers, for contiguous (..., C) tensors: a row is a run of C elements, whatever the leading
@@ -510,13 +532,12 @@ def _ln_forward(x, residual, weight, bias, eps, dropout_p, seed_t, save_stats, *
         return y, s, mean, rstd
     cfg = _config(n_cols)
     threshold, _, scale = dropout_threshold(dropout_p)
+    meta = _fwd_meta(cfg, n_cols, x.dtype, weight is not None, bias is not None, has_residual, dropout_p > 0.0,
+                     save_stats)
     wrap_triton(_ln_fwd_kernel).run(
         x, residual, weight, bias, y, s, mean, rstd, seed_t,
         n_rows, n_cols, 1.0 / n_cols, eps, threshold << 16, scale,
-        grid=(-(-n_rows // cfg.rows),), warmup=False,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual,
-        HAS_DROPOUT=dropout_p > 0.0, SAVE_STATS=save_stats, EXACT_SUM=_exact_sum(x.dtype, n_cols),
-        maxnreg=_max_regs(cfg.num_warps), **cfg.meta(n_cols),
+        grid=(-(-n_rows // cfg.rows),), warmup=False, **meta,
     )
     return y, s, mean, rstd
 
@@ -540,11 +561,7 @@ def _ln_backward(dy, ds, s, weight, bias, mean, rstd, dropout_p, seed_t, *, wrap
         return dx, dres, dweight, dbias
     cfg = _config(n_cols)
     n_sums = (weight is not None) + (bias is not None)
-    # 16-bit rows of 2 or 3 tiles of 128 in pairs (the model's C = 384) fit 128 registers a thread:
-    # capped there, two 8-warp programs share an SM, so one's loads hide behind the other's math.
-    fits_128 = cfg.rows % 2 == 0 and cfg.sub == 128 and 128 < n_cols <= 384 and s.element_size() == 2
-    meta = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-                HAS_DS=ds is not None, maxnreg=128 if fits_128 else _max_regs(cfg.num_warps), **cfg.meta(n_cols))
+    meta = _bwd_meta(cfg, n_cols, s.element_size(), weight is not None, bias is not None, has_dropout, ds is not None)
     threshold, _, scale = dropout_threshold(dropout_p)
     args = [dy, ds, s, weight, mean, rstd, seed_t, dx, dres, mean if n_sums else None,
             n_rows, n_cols, 1.0 / n_cols, threshold << 16, scale]
