@@ -441,6 +441,9 @@ def _exact_sum(dtype: torch.dtype, n_cols: int) -> bool:
 
 # The launchers' keyword arguments, built once per configuration and flags (a dict built on every
 # call cost a microsecond or two of host time); keyed on the configuration itself, as _meta is.
+# Under torch.compile (Inductor) maxnreg does not reach the compile: as read in torch 2.13's source,
+# a user kernel's configs carry num_warps and num_stages only, and keywords that are not kernel
+# parameters are dropped (not yet seen on a GPU). Eager calls and captured graphs keep it.
 @functools.lru_cache(maxsize=None)
 def _fwd_meta(cfg: _Config, n_cols: int, dtype: torch.dtype, has_weight: bool, has_bias: bool,
               has_residual: bool, has_dropout: bool, save_stats: bool) -> dict:
