@@ -135,7 +135,7 @@ def test_train_py_with_the_triton_backend(tmp_path, capsys, device):
 
 
 def test_train_py_compile_with_the_triton_backend(tmp_path, capsys, device):
-    """--compile runs the whole loop through torch.compile (inductor) with our custom ops inside."""
+    """--compile runs the whole loop through torch.compile (inductor) with our registered ops inside."""
     corpus = tmp_path / "input.txt"
     corpus.write_text(("Now is the winter of our discontent made glorious summer.\n" * 40))
     flags = [*_on(device), "--max-iters", "10", "--eval-interval", "5", "--eval-iters", "2", "--batch-size", "4",
