@@ -24,7 +24,9 @@ torch.autograd.grad over every input). Op "model" is the whole model with each b
 GPT of width 32 on 16 tokens, an eval forward or a training forward and backward (the Linear layers
 and the loss run for real in both; with the triton backend its 7 op calls are ours).
 The timed call synchronizes the GPU before each round (not timed), so queued work never holds up the
-host. host_us in extra_info is the median per call.
+host. host_us in extra_info is the median per call. test_bench_host_autograd_floor times a
+torch.autograd.Function that only allocates what our layer_norm allocates: the floor of any Python
+autograd layer, which F.layer_norm (C++ autograd) does not pay.
 """
 
 import pytest
@@ -138,4 +140,42 @@ def test_bench_host(benchmark, monkeypatch, op, provider, mode, launch):
     benchmark.extra_info.update(gpu_info(DTYPE))
     benchmark.extra_info.update({"op": op, "provider": provider, "mode": mode, "launch": launch, "device": DEVICE.type})
     if benchmark.stats is not None:  # None under --benchmark-disable, which runs fn once
+        benchmark.extra_info["host_us"] = round(benchmark.stats.stats.median * 1e6, 2)
+
+
+class _AllocatesOnly(torch.autograd.Function):
+    """What a Python autograd layer over layer_norm costs before any work of its own: the outputs and
+    saved statistics ours allocates (y, mean, rstd; dx, dweight, dbias), nothing else."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        mean, rstd = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])  # (rows,) each
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return torch.empty_like(x)  # (rows, C)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, _, _ = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), None
+
+
+def test_bench_host_autograd_floor(benchmark):
+    """layer_norm fwd+bwd through a torch.autograd.Function that only allocates: the floor under our
+    layer_norm's figure (F.layer_norm's autograd is C++ and pays none of it)."""
+    tensors = _inputs("layer_norm")
+    grads = [torch.randn(tensors[0].shape, device=DEVICE, dtype=DTYPE)]
+
+    def fwd_bwd():
+        torch.autograd.grad((_AllocatesOnly.apply(*tensors, 1e-5),), tensors, grads)
+
+    def sync():
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.group = "host layer_norm fwd+bwd stubbed"
+    benchmark.pedantic(fwd_bwd, setup=sync, rounds=ROUNDS, warmup_rounds=ROUNDS // 10, iterations=1)
+    benchmark.extra_info.update(gpu_info(DTYPE))
+    benchmark.extra_info.update({"op": "layer_norm", "provider": "autograd-floor", "mode": "fwd+bwd",
+                                 "launch": "none", "device": DEVICE.type})
+    if benchmark.stats is not None:
         benchmark.extra_info["host_us"] = round(benchmark.stats.stats.median * 1e6, 2)

@@ -45,6 +45,8 @@ def _report():
              "mode": "fwd", "launch": launch, "host_us": us}
             for p, launch, us in (("triton", "stubbed", 6.0), ("torch", "stubbed", 8.0), ("triton", "real", 12.0),
                                   ("torch", "real", 8.0))]
+    host.append({"name": "test_bench_host_autograd_floor", "op": "layer_norm", "provider": "autograd-floor",
+                 "mode": "fwd+bwd", "launch": "none", "host_us": 7.0})
     report = rep.new_report(gpu="NVIDIA H100 80GB HBM3", torch="2.11", triton="3.6.0", cuda="13.0",
                             command="python bench/report.py", date="2026-11-28 07:00 UTC")
     report.update(benchmarks=att + ln + step + host, training=training, budget_s=360, seconds=300.0)
@@ -63,6 +65,7 @@ def test_render_computes_ratios_from_the_same_run():
     assert "| torch-compile-rog | 6.60 |" in text and "| 1.65x |" in text
     assert "| attention | fwd | real | 12.0 | 8.0 | 1.50 |" in text  # host time, ours / torch
     assert "| attention | fwd | stubbed | 6.0 | 8.0 | 0.75 |" in text
+    assert "only allocates layer_norm's outputs, fwd+bwd: 7.0 us" in text and "| none |" not in text
     assert "| 250 | 2.0500 | 2.0700 | -0.0200 |" in text
     assert text.startswith("## 2026-11-28 07:00 UTC: NVIDIA H100 80GB HBM3")
     assert "300 passed, 1 failed" in text and "- tests/test_x.py::test_y: failed: assert 0" in text
