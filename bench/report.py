@@ -36,7 +36,7 @@ with the seconds the first GPU run reports (the section's "took s" column).
   compile-loops      torch-compile-rog: the torch loop under torch.compile(mode=             80 s  120 s
                      "reduce-overhead"), step and evaluation (two whole-model compiles)
   compile-layernorm  the torch.compile'd LayerNorm peers at (16384, 384) bf16 (4 compiles)   55 s   90 s
-  host               host time per call, our ops' Python layers against the torch ops', at    25 s   50 s
+  host               host time per call, our ops' Python layers against the torch ops', at    35 s   50 s
                      tiny shapes, our launches stubbed and real (bench/test_bench_host.py)
   attention-long     every attention provider at B16-T1024                                   35 s   60 s
 
@@ -202,7 +202,7 @@ def build_stages(args, work: Path) -> list:
               "bench", 80, 120, _bench(work, "compile-loops", [LOOPS], "torch-compile-rog"), 7, pool="compile"),
         Stage("compile-layernorm", "the torch.compile'd LayerNorm peers at 16384x384 bf16", "bench", 55, 90,
               _bench(work, "compile-layernorm", [LN], "16384x384 and compile and bf16"), 8, pool="compile"),
-        Stage("host", "host time per call: our ops' Python layers against the torch ops'", "bench", 25, 50,
+        Stage("host", "host time per call: our ops' Python layers against the torch ops'", "bench", 35, 50,
               _bench(work, "host", [HOST], "host"), 9),
         Stage("attention-long", "every attention provider at B16-T1024", "bench", 35, 60,
               _bench(work, "attention-long", [ATTN], "B16-T1024"), 10),
