@@ -71,3 +71,8 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
     Triton's interpreter; elsewhere kernels.TritonDeviceError).
     """
     return (_OPS or _load_ops())["add_layer_norm"](x, residual, weight, bias, eps, dropout_p, seed)
+
+
+# The ops' docstrings live here only: kernels.attention and kernels.layernorm give their functions
+# these texts (help() on either shows the same), so the two cannot drift apart.
+_DOCS = {f.__name__: f.__doc__ for f in (flash_attention, layer_norm, add_layer_norm)}

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels import _DOCS
 from kernels._common import (FLOAT_DTYPES, _no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
                              no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
 from kernels.dropout import attention_keep, dropout_threshold
@@ -615,20 +616,6 @@ def _check_inputs(q, k, v, causal, softmax_scale) -> torch.device:
 
 
 def flash_attention(q, k, v, dropout_p=0.0, causal=True, softmax_scale=None, seed=None):
-    """softmax(q k^T * scale, causal) with dropout on the weights, times v; kernels.reference.attention's twin.
-
-    q (B, Tq, H, D), k and v (B, Tk, H, D): any strides with a unit last one (views into a packed
-    (B, T, 3, H, D) projection go in as they are), fp32/fp16/bf16, 1 <= D <= 128, on a CUDA GPU (or
-    the CPU under Triton's interpreter; elsewhere kernels.TritonDeviceError says what to do).
-    Causal: query i sees keys 0..i. softmax_scale defaults to 1/sqrt(D). dropout_p is applied as the
-    nearest multiple of 2^-16 (kernels.dropout.dropout_threshold), and kept weights are scaled by
-    1 / (1 - that). seed (int, 1-element int tensor on q's device, or None to draw a 63-bit one from
-    torch's generator) picks the dropout mask, see kernels.attention.dropout_keep_mask; it is unused
-    when dropout_p == 0. Returns (B, Tq, H, D), contiguous.
-
-    An eager call runs the launchers directly (through a torch.autograd.Function when a gradient is
-    needed); a traced one (torch.compile, FakeTensorMode) the registered op triton_gpt::flash_attn_fwd.
-    """
     device = _check_inputs(q, k, v, causal, softmax_scale)
     dropout_p = check_dropout_p(dropout_p)
     scale = 1.0 / math.sqrt(int(q.shape[-1])) if softmax_scale is None else float(softmax_scale)
@@ -639,6 +626,9 @@ def flash_attention(q, k, v, dropout_p=0.0, causal=True, softmax_scale=None, see
     if need_lse:
         return _FlashAttention.apply(q, k, v, dropout_p, causal, scale, seed_t)  # (B, T, H, D)
     return _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, False)[0]  # (B, T, H, D)
+
+
+flash_attention.__doc__ = _DOCS["flash_attention"]  # the public text, kernels/__init__.py
 
 
 def dropout_keep_mask(seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device):

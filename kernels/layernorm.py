@@ -72,6 +72,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import MockTensor
 
+from kernels import _DOCS
 from kernels._common import (_no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
                              no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
 from kernels.dropout import dropout_threshold, inline_ptx, layernorm_keep
@@ -324,7 +325,8 @@ def _ln_bwd_kernel(
                 mask = _tile_mask(rows[h], n_rows, cols, n_cols, k >= NFULL)
                 if HAS_DROPOUT:
                     tl.store(dres_ptr + offs[k * PAIR + h], d.to(dres_ptr.dtype.element_ty), mask=mask)
-                    keep = layernorm_keep(seed, rows[h], k * SUB, cols0, threshold_hi, h if PAIR == 2 else -1)  # as forward
+                    # The forward's bits, drawn again.
+                    keep = layernorm_keep(seed, rows[h], k * SUB, cols0, threshold_hi, h if PAIR == 2 else -1)
                     d = d * tl.where(keep, dropout_scale, 0.0)
                 tl.store(dx_ptr + offs[k * PAIR + h], d.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -720,11 +722,6 @@ def _needs_grad(x, residual, weight, bias) -> bool:
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """layer_norm over the last dimension of x (..., C); y in x's dtype, weight and bias optional.
-
-    Differentiable in x, weight and bias; dweight/dbias come back in the parameters' dtype.
-    On a CUDA GPU (or the CPU under Triton's interpreter; elsewhere kernels.TritonDeviceError).
-    """
     _check("kernels.layer_norm", x, None, weight, bias, eps)
     x = x.contiguous()
     weight = weight.contiguous() if weight is not None else None
@@ -738,16 +735,10 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     return _ln_forward(x, None, weight, bias, eps, 0.0, None, False)[0]  # (..., C)
 
 
-def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0, seed=None):
-    """(y, s) with s = residual + dropout(x) and y = layer_norm(s, weight, bias, eps).
+layer_norm.__doc__ = _DOCS["layer_norm"]  # the public text, kernels/__init__.py
 
-    Dropout drops an element with probability p_eff = round(dropout_p * 65536) / 65536 (dropout_p
-    quantized to 1/65536: kernels.dropout.dropout_threshold) and scales the kept ones by
-    1 / (1 - p_eff); its bits depend only on seed (an int below 2^63, a 1-element integer tensor on
-    x's device, or None to draw one from torch's generator) and the element's (row, col) in x
-    viewed as (rows, C): see kernels.layernorm.dropout_keep_mask. On a CUDA GPU (or the CPU under
-    Triton's interpreter; elsewhere kernels.TritonDeviceError).
-    """
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0, seed=None):
     _check("kernels.add_layer_norm", x, residual, weight, bias, eps)
     dropout_p = check_dropout_p(dropout_p)
     seed_t = seed_tensor(seed, x.device) if dropout_p > 0.0 else None  # (1,) int64
@@ -763,6 +754,9 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
         return _LayerNorm.apply(x, residual, weight, bias, eps, dropout_p, seed_t)  # (..., C) each
     y, s, _, _ = _ln_forward(x, residual, weight, bias, eps, dropout_p, seed_t, False)
     return y, s  # (..., C) each
+
+
+add_layer_norm.__doc__ = _DOCS["add_layer_norm"]  # the public text, kernels/__init__.py
 
 
 def dropout_keep_mask(seed, n_rows, n_cols, dropout_p, device):
