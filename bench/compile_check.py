@@ -164,6 +164,11 @@ class Recorder:
         recorder = self
 
         def record(fn, *args, grid, warmup, **kwargs):
+            # Constexprs passed positionally (kernels._common.launch_meta) are recorded by name, as
+            # the report and the trip models read them.
+            n_runtime = min(len(args), len(fn.arg_names) - len(fn.constexprs))
+            kwargs = {**dict(zip(fn.arg_names[n_runtime:], args[n_runtime:])), **kwargs}
+            args = args[:n_runtime]
             recorder.launches.append(Launch(
                 kernel=fn.__name__, group=recorder.group, fn=fn,
                 args=tuple(_strip(a) for a in args), kwargs={k: _strip(v) for k, v in kwargs.items()},
@@ -445,7 +450,8 @@ def capture_cost(rec: Recorder, group: str, quick: bool):
 
 def _offline_resources(rec: Recorder, fn, args, kwargs) -> dict:
     """Registers, shared memory and warps of fn compiled for sm_90 with these arguments (during a
-    capture: through the JITFunction.run the recorder stands in for, against the offline driver)."""
+    capture: through the JITFunction.run the recorder stands in for, against the offline driver).
+    kwargs: the launch's keyword arguments, or kernels._common.launch_meta's (constexprs, options)."""
     from triton import knobs
     from triton.runtime.driver import driver
     driver.set_active(OfflineDriver())  # as the compile step sets it; there is no other driver to go back to
@@ -453,7 +459,8 @@ def _offline_resources(rec: Recorder, fn, args, kwargs) -> dict:
     with knobs.nvidia.scope(), contextlib.redirect_stdout(log), warnings.catch_warnings():
         knobs.nvidia.dump_ptxas_log = True
         warnings.simplefilter("ignore")
-        kernel = rec.original_run(fn, *args, grid=None, warmup=True, **kwargs)
+        consts, options = kwargs if isinstance(kwargs, tuple) else ((), kwargs)  # launch_meta's split, or a dict
+        kernel = rec.original_run(fn, *args, *consts, grid=None, warmup=True, **options)
         if hasattr(kernel, "result"):  # an async-compile future
             kernel = kernel.result()
     res = resource_usage(log.getvalue(), kernel.asm["cubin"])

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from kernels import _DOCS
 from kernels._common import (FLOAT_DTYPES, _no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
-                             no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
+                             launch_meta, no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
 from kernels.dropout import attention_keep, dropout_threshold
 
 LOG2E = 1.4426950408889634
@@ -423,6 +423,27 @@ def _dot_precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
+# Each launch's constexprs and options (kernels._common.launch_meta), built once per configuration
+# and flags: spreading a dozen keywords on every call cost about 0.6 us of host time a launch.
+@functools.lru_cache(maxsize=None)
+def _fwd_meta(cfg: _Config, causal: bool, has_dropout: bool, need_lse: bool, head_dim: int,
+              dtype: torch.dtype) -> tuple[tuple, dict]:
+    return launch_meta(_attn_fwd_kernel, dict(
+        IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, STORE_LSE=need_lse, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_meta(kernel_name: str, cfg: _Config, causal: bool, has_dropout: bool, head_dim: int,
+              dtype: torch.dtype) -> tuple[tuple, dict]:
+    kernel = {"dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}[kernel_name]
+    return launch_meta(kernel, dict(
+        IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages))
+
+
 def _positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
     """(q', c) with c = s' log2(e) > 0 and s' q' = s q, as the kernels need: a negative scale runs as
     -q with -s, and 0 as the smallest normal float (every logit still rounds to 0 in fp32)."""
@@ -451,14 +472,12 @@ def _attn_forward(q, k, v, dropout_p, causal, scale, seed_t, need_lse=True, *, _
     o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, T, H, D)
     lse = q.new_empty(B, H, T_q, dtype=torch.float32) if need_lse else None  # (B, H, T)
     q, qk_scale = _positive_scale(q, scale)
+    consts, options = _fwd_meta(cfg, causal, has_dropout, need_lse, D, q.dtype)
     wrap_triton(_attn_fwd_kernel).run(
         q, k, v, o, lse if need_lse else o, seed_t if has_dropout else q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, T_q, T_k, qk_scale, threshold, keep_scale,
-        grid=(_cdiv(T_q, cfg.block_m), B * H), warmup=False,
-        IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, STORE_LSE=need_lse, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, HEAD_DIM=D, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        H, T_q, T_k, qk_scale, threshold, keep_scale, *consts,
+        grid=(_cdiv(T_q, cfg.block_m), B * H), warmup=False, **options)
     return o, lse
 
 
@@ -481,26 +500,22 @@ def _attn_backward(do, q, k, v, o, lse, dropout_p, causal, scale, seed_t, *, _co
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (B, T, H, D) each
     delta = q.new_empty(B, H, T_q, dtype=torch.float32)  # (B, H, T), written by dQ's kernel
     q_run, qk_scale = _positive_scale(q, scale)
-    common = dict(IS_CAUSAL=causal, HAS_DROPOUT=has_dropout, HEAD_DIM=D, BLOCK_D=_block_d(D),
-                  DOT_PRECISION=_dot_precision(q.dtype))
     seed_arg = seed_t if has_dropout else q
     # dK = s dS^T Q = |s| dS^T q_run; dQ = s dS K. Both and dV carry the 1 / (1 - p) of the loops.
     grad_scale = abs(scale) * keep_scale
     # dQ's kernel first: it also writes delta', which the dK/dV kernel reads.
+    consts, options = _bwd_meta("dq", dq_cfg, causal, has_dropout, D, q.dtype)
     wrap_triton(_attn_bwd_dq_kernel).run(
         q_run, k, v, o, do, lse, delta, dq, seed_arg, *q_run.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T_q, T_k, qk_scale,
-        math.copysign(grad_scale, scale), threshold, 1.0 - p_eff,
-        grid=(_cdiv(T_q, dq_cfg.block_m), B * H), warmup=False,
-        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, num_warps=dq_cfg.num_warps,
-        num_stages=dq_cfg.num_stages, **common)
+        math.copysign(grad_scale, scale), threshold, 1.0 - p_eff, *consts,
+        grid=(_cdiv(T_q, dq_cfg.block_m), B * H), warmup=False, **options)
+    consts, options = _bwd_meta("dkdv", dkdv_cfg, causal, has_dropout, D, q.dtype)
     wrap_triton(_attn_bwd_dkdv_kernel).run(
         q_run, k, v, do, lse, delta, dk, dv, seed_arg, *q_run.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        H, T_q, T_k, qk_scale, grad_scale, threshold, keep_scale,
-        grid=(_cdiv(T_k, dkdv_cfg.block_n), B * H), warmup=False,
-        BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, num_warps=dkdv_cfg.num_warps,
-        num_stages=dkdv_cfg.num_stages, **common)
+        H, T_q, T_k, qk_scale, grad_scale, threshold, keep_scale, *consts,
+        grid=(_cdiv(T_k, dkdv_cfg.block_n), B * H), warmup=False, **options)
     return dq, dk, dv
 
 

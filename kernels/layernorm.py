@@ -73,13 +73,14 @@ from torch import Tensor
 from triton.runtime.jit import MockTensor
 
 from kernels import _DOCS
-from kernels._common import (_no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
+from kernels._common import (_no_wrap, check_dropout_p, check_float_tensor, define_op, device_error, launch_meta,
                              no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
 from kernels.dropout import dropout_threshold, inline_ptx, layernorm_keep
 
 MAX_COLS = 16384  # a row lives in registers (<= 32 fp32 values a thread per tensor at 16 warps)
 _INTERPRETER_PROGRAMS = 8  # backward programs off the GPU (Triton's interpreter): a small fixed count
 _MAX_BLOCKS_PER_SM = 32  # the most resident blocks one SM holds (sm_80 to sm_90)
+_REDUCE_BLOCK_N = 64  # columns of the partials a program of the dweight/dbias reduction sums
 
 
 @triton.jit
@@ -441,27 +442,36 @@ def _exact_sum(dtype: torch.dtype, n_cols: int) -> bool:
     return significand is not None and n_cols <= 2 ** (24 - significand)
 
 
-# The launchers' keyword arguments, built once per configuration and flags (a dict built on every
-# call cost a microsecond or two of host time); keyed on the configuration itself, as _meta is.
+# The launchers' constexprs and options (kernels._common.launch_meta: a tuple and a dict), built once
+# per configuration and flags (a dict built on every call cost a microsecond or two of host time, and
+# spreading it as keywords 0.6 us more); keyed on the configuration itself, as _meta is.
 # Under torch.compile (Inductor) maxnreg does not reach the compile: as read in torch 2.13's source,
 # a user kernel's configs carry num_warps and num_stages only, and keywords that are not kernel
 # parameters are dropped (not yet seen on a GPU). Eager calls and captured graphs keep it.
 @functools.lru_cache(maxsize=None)
 def _fwd_meta(cfg: _Config, n_cols: int, dtype: torch.dtype, has_weight: bool, has_bias: bool,
-              has_residual: bool, has_dropout: bool, save_stats: bool) -> dict:
-    return dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
-                SAVE_STATS=save_stats, EXACT_SUM=_exact_sum(dtype, n_cols), maxnreg=_max_regs(cfg.num_warps),
-                **cfg.meta(n_cols))
+              has_residual: bool, has_dropout: bool, save_stats: bool) -> tuple[tuple, dict]:
+    return launch_meta(_ln_fwd_kernel, dict(
+        HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
+        SAVE_STATS=save_stats, EXACT_SUM=_exact_sum(dtype, n_cols), maxnreg=_max_regs(cfg.num_warps),
+        **cfg.meta(n_cols)))
 
 
 @functools.lru_cache(maxsize=None)
 def _bwd_meta(cfg: _Config, n_cols: int, element_size: int, has_weight: bool, has_bias: bool, has_dropout: bool,
-              has_ds: bool) -> dict:
+              has_ds: bool) -> tuple[tuple, dict]:
     # 16-bit rows of 2 or 3 tiles of 128 in pairs (the model's C = 384) fit 128 registers a thread:
     # capped there, two 8-warp programs share an SM, so one's loads hide behind the other's math.
     fits_128 = cfg.rows % 2 == 0 and cfg.sub == 128 and 128 < n_cols <= 384 and element_size == 2
-    return dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, HAS_DS=has_ds,
-                maxnreg=128 if fits_128 else _max_regs(cfg.num_warps), **cfg.meta(n_cols))
+    return launch_meta(_ln_bwd_kernel, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
+                                            HAS_DS=has_ds, maxnreg=128 if fits_128 else _max_regs(cfg.num_warps),
+                                            **cfg.meta(n_cols)))
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_meta(has_weight: bool, has_bias: bool) -> tuple[tuple, dict]:
+    return launch_meta(_ln_bwd_reduce_kernel, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_P=32,
+                                                   BLOCK_N=_REDUCE_BLOCK_N, num_warps=4))
 
 
 def _mask_config(n_cols: int) -> tuple[int, int]:
@@ -487,7 +497,7 @@ def _blocks_per_sm(n_regs: int, shared: int, num_warps: int, regs_per_sm: int = 
 _RESIDENT: dict = {}  # (device, configuration) -> backward programs that fit on the device at once
 
 
-def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) -> int:
+def _bwd_programs(n_blocks: int, args: tuple, meta: tuple[tuple, dict], device: torch.device) -> int:
     """Backward grid size: as many programs as fit on the device at once, never more than row blocks.
 
     On a GPU, from the compiled kernel's registers and shared memory (_blocks_per_sm) times the
@@ -495,13 +505,13 @@ def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) 
     and a fixed count keeps the order of the dweight/dbias sums fixed. Off the GPU (Triton's
     interpreter), a small fixed count.
     """
-    if device.type != "cuda":
+    if not args[2].is_cuda:  # s (device.type costs 0.2 us a call)
         return max(1, min(n_blocks, _INTERPRETER_PROGRAMS))
     # Keyed on the launch's flags and the dtypes of dy, ds, s and weight (which of the other
     # arguments are None, and their dtypes, follow from those): traced calls (fake tensors,
     # symbolic sizes) share the eager calls' entries, so compiled and eager code sum the partials in
-    # one order. meta is _bwd_meta's cached dict, one object per configuration for the process, so
-    # its id stands for its contents (a key of its items cost about 3 us a call).
+    # one order. meta is _bwd_meta's cached (constexprs, options), one object per configuration for
+    # the process, so its id stands for its contents (a key of its items cost about 3 us a call).
     key = (device, id(meta), *(None if a is None else a.dtype for a in args[:4]))
     n_progs = _RESIDENT.get(key)
     if n_progs is None:
@@ -509,7 +519,8 @@ def _bwd_programs(n_blocks: int, args: tuple, meta: dict, device: torch.device) 
         # are): a traced call's tensors have no data, and it must find what an eager call finds.
         args = tuple(MockTensor(a.dtype) if isinstance(a, Tensor) else 2 if isinstance(a, torch.SymInt)
                      else a for a in args)
-        kernel = _ln_bwd_kernel.warmup(*args, grid=(1,), **meta)
+        consts, options = meta
+        kernel = _ln_bwd_kernel.warmup(*args, *consts, grid=(1,), **options)
         kernel._init_handles()  # loads the binary: n_regs becomes known
         props = torch.cuda.get_device_properties(device)
         per_sm = _blocks_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps,
@@ -537,12 +548,12 @@ def _ln_forward(x, residual, weight, bias, eps, dropout_p, seed_t, save_stats, *
         return y, s, mean, rstd
     cfg = _config(n_cols)
     threshold, _, scale = dropout_threshold(dropout_p)
-    meta = _fwd_meta(cfg, n_cols, x.dtype, weight is not None, bias is not None, has_residual, dropout_p > 0.0,
-                     save_stats)
+    consts, options = _fwd_meta(cfg, n_cols, x.dtype, weight is not None, bias is not None, has_residual,
+                                dropout_p > 0.0, save_stats)
     wrap_triton(_ln_fwd_kernel).run(
         x, residual, weight, bias, y, s, mean, rstd, seed_t,
-        n_rows, n_cols, 1.0 / n_cols, eps, threshold << 16, scale,
-        grid=(-(-n_rows // cfg.rows),), warmup=False, **meta,
+        n_rows, n_cols, 1.0 / n_cols, eps, threshold << 16, scale, *consts,
+        grid=(-(-n_rows // cfg.rows),), warmup=False, **options,
     )
     return y, s, mean, rstd
 
@@ -574,12 +585,12 @@ def _ln_backward(dy, ds, s, weight, bias, mean, rstd, dropout_p, seed_t, *, wrap
     n_progs = _bwd_programs(-(-n_rows // cfg.rows), tuple(args), meta, s.device)
     if n_sums:
         args[9] = s.new_empty(n_progs, n_sums, n_cols, dtype=torch.float32)  # (P, K, C)
-    wrap_triton(_ln_bwd_kernel).run(*args, grid=(n_progs,), warmup=False, **meta)
+    consts, options = meta
+    wrap_triton(_ln_bwd_kernel).run(*args, *consts, grid=(n_progs,), warmup=False, **options)
     if n_sums:
-        wrap_triton(_ln_bwd_reduce_kernel).run(
-            args[9], dweight, dbias, n_progs, n_cols, grid=(-(-n_sums * n_cols // 64),), warmup=False,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_P=32, BLOCK_N=64, num_warps=4,
-        )
+        consts, options = _reduce_meta(weight is not None, bias is not None)
+        wrap_triton(_ln_bwd_reduce_kernel).run(args[9], dweight, dbias, n_progs, n_cols, *consts,
+                                               grid=(-(-n_sums * n_cols // _REDUCE_BLOCK_N),), warmup=False, **options)
     return dx, dres, dweight, dbias
 
 
@@ -682,6 +693,9 @@ def _check(caller, x, residual, weight, bias, eps) -> None:
     shape, device = x.shape, x.device
     if not shape or not 1 <= shape[-1] <= MAX_COLS:
         raise ValueError(f"x must have a last dimension C in [1, {MAX_COLS}], got shape {tuple(shape)}")
+    # is_cuda first: a CUDA tensor is always allowed, and device.type costs 0.2 us (a new string).
+    if not x.is_cuda and device.type not in DEVICE_TYPES:
+        raise device_error(caller, device)
     if residual is not None:
         check_float_tensor("residual", residual)
         if residual.shape != shape:
@@ -693,8 +707,6 @@ def _check(caller, x, residual, weight, bias, eps) -> None:
         _check_param("weight", weight, shape[-1], device)
     if bias is not None:
         _check_param("bias", bias, shape[-1], device)
-    if device.type not in DEVICE_TYPES:
-        raise device_error(caller, device)
     if type(eps) is not float or not eps > 0.0:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
             raise TypeError(f"eps must be a float, got {type(eps).__name__}")

@@ -121,6 +121,30 @@ def test_an_eager_call_allocates_its_outputs_only(op, no_launches):
     assert _aten_calls(lambda: torch.autograd.grad(outs, _leaves(op, inputs), grads)) == bwd
 
 
+def test_launch_meta_passes_the_constexprs_in_the_kernels_order():
+    """The launchers' cached split of a launch's keywords: the kernel's trailing parameters in its own
+    order (whatever order the dict was written in), the rest as options; a parameter left out of the
+    middle is refused rather than shifted into another's place."""
+    from kernels import attention, layernorm
+    from kernels._common import launch_meta
+
+    kernel = layernorm._ln_bwd_reduce_kernel  # (partial_ptr, dw_ptr, db_ptr, n_progs, n_cols, HAS_WEIGHT, ...)
+    consts, options = launch_meta(kernel, dict(BLOCK_N=64, num_warps=4, HAS_BIAS=False, BLOCK_P=32, HAS_WEIGHT=True))
+    assert consts == (True, False, 32, 64) and options == {"num_warps": 4}
+    with pytest.raises(ValueError, match="BLOCK_P"):
+        launch_meta(kernel, dict(HAS_WEIGHT=True, HAS_BIAS=False, BLOCK_N=64))
+    # Every launcher's cached split names each trailing parameter of its kernel once.
+    cfg = layernorm._config(384)
+    for kernel, (consts, options) in [
+        (layernorm._ln_fwd_kernel, layernorm._fwd_meta(cfg, 384, torch.bfloat16, True, True, True, True, True)),
+        (layernorm._ln_bwd_kernel, layernorm._bwd_meta(cfg, 384, 2, True, True, True, True)),
+        (attention._attn_fwd_kernel, attention._fwd_meta(attention._Config(64, 64, 4, 2), True, True, True, 64,
+                                                         torch.bfloat16)),
+    ]:
+        names = kernel.arg_names[len(kernel.arg_names) - len(consts):]
+        assert all(name.isupper() for name in names) and not set(names) & set(options), (kernel.__name__, names)
+
+
 @pytest.mark.parametrize("op", EAGER_CASES)
 def test_double_backward_is_refused(op):
     """The backward kernels are not differentiable: create_graph=True says so instead of returning
