@@ -27,13 +27,13 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from model import GPT, CheckpointError, GPTConfig, read_checkpoint  # noqa: E402
-from model.data import DataError, load_dataset  # noqa: E402
+from model.data import DEFAULT_DATA_PATH, DataError, load_dataset  # noqa: E402
 from training import dist  # noqa: E402
 from training.checkpoint import (  # noqa: E402
     CheckpointWriter, best_path, load_checkpoint, load_optimizer_state, rng_state, set_rng_state, to_cpu,
 )
 from training.config import (  # noqa: E402
-    UsageError, check_flags, check_writable, parse_flags, refuse_ignored, resolve_execution, settle,
+    UsageError, check_distinct, check_flags, check_writable, parse_flags, refuse_ignored, resolve_execution, settle,
 )
 from training.interrupt import Interrupt, Interrupted  # noqa: E402
 from training.metrics import LossPlot, flops_per_token, fmt_seconds, mfu_peak, rates  # noqa: E402
@@ -89,6 +89,12 @@ def train(given: dict, ranks: dist.Ranks, interrupt: Interrupt) -> int:
         for flag, path in (("--out", out), ("--out", best_path(out)), ("--plot", plot_path)):
             if path is not None:
                 check_writable(flag, path)
+        # Writing back to the --resume file is what --resume does; anything else over an input is not.
+        out_flag = "--out" if given.get("out") else "--resume" if given.get("resume") else "--out (default)"
+        check_distinct([(out_flag, out), (f"the best-val checkpoint of {out_flag}", best_path(out)),
+                        ("--plot", plot_path)], [("--data", given.get("data") or DEFAULT_DATA_PATH)])
+        if plot_path is not None and "resume" in given:
+            check_distinct([("--plot", plot_path)], [("--resume", given["resume"])])
     ckpt = load_checkpoint(given["resume"]) if "resume" in given else None
     cfg = settle(given, ckpt)
     check_flags(vars(cfg), ranks.world_size)  # again, now that every value is known
@@ -161,7 +167,9 @@ def train(given: dict, ranks: dist.Ranks, interrupt: Interrupt) -> int:
             writer.close()
             if out.exists():
                 last = f"; the last good checkpoint is {out} (step {load_checkpoint(out)['iter']})"
-        raise TrainingStopped(f"the {where} loss became NaN or infinite at iteration {bad_step}{last}")
+        # Steps counted from 0, as the "step N:" lines count them; the progress lines count steps done.
+        when = f"step {bad_step}" + (f" (iter {bad_step + 1} of the progress lines)" if where == "training" else "")
+        raise TrainingStopped(f"the {where} loss became NaN or infinite at {when}{last}")
 
     def stop_interrupted(done):
         if writer is not None:

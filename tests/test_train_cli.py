@@ -162,6 +162,40 @@ def test_out_folder_must_exist(corpus, tmp_path, capsys):
                           r"--out .*: folder .* does not exist")
 
 
+@pytest.mark.parametrize(
+    "paths, match",
+    [
+        ({"--out": "input.txt"}, r"--out .*input.txt is also --data .*input.txt: it would be overwritten"),
+        ({"--plot": "input.txt"}, r"--plot .*input.txt is also --data"),
+        ({"--out": "m.pth", "--plot": "m.pth"}, r"--plot .*m.pth is also --out .*m.pth"),
+        ({"--out": "m.pth", "--plot": "m.best.pth"}, r"--plot .*m.best.pth is also the best-val checkpoint of --out"),
+        ({"--out": "./sub/../m.pth", "--plot": "m.pth"}, r"--plot .*m.pth is also --out"),
+        ({"--out": "link.txt"}, r"--out .*link.txt is also --data"),  # a symbolic link to the data
+    ],
+    ids=["out-is-data", "plot-is-data", "plot-is-out", "plot-is-best", "same-file-other-name", "symlink"],
+)
+def test_an_output_over_an_input_or_another_output_is_refused(paths, match, corpus, tmp_path, capsys):
+    """Before any work: a checkpoint or a plot written over the text, or two outputs on one file, would
+    lose one of them silently (the data file was replaced by a checkpoint before this check)."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.txt").symlink_to(corpus)
+    text = corpus.read_text()
+    flags = [x for flag, name in paths.items() for x in (flag, str(tmp_path / name))]
+    pytest.importorskip("matplotlib")
+    assert_one_line_error(capsys, [*TINY_FLAGS, "--data", str(corpus), *flags], match)
+    assert corpus.read_text() == text
+
+
+def test_plot_over_the_resumed_checkpoint_is_refused(corpus, tmp_path, capsys):
+    ckpt = tmp_path / "r.pth"
+    assert train.main([*TINY_FLAGS, "--data", str(corpus), "--out", str(ckpt), "--max-iters", "2",
+                       "--sample-tokens", "0"]) == 0
+    capsys.readouterr()
+    assert_one_line_error(capsys, ["--resume", str(ckpt), "--data", str(corpus), "--max-iters", "4",
+                                   "--plot", str(ckpt)], r"--plot .*r.pth is also --resume .*r.pth")
+    assert torch.load(ckpt, weights_only=True)["iter"] == 2
+
+
 def test_default_data_missing_and_download_failing(tmp_path, monkeypatch, capsys):
     """Without data/input.txt the default downloads; when that fails, the error says where to put it."""
     import model.data as data_mod

@@ -159,10 +159,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys)
     assert code == 1, err
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
-    assert "loss became NaN or infinite at iteration" in line and f"last good checkpoint is {out}" in line, line
+    assert "loss became NaN or infinite at step" in line and f"last good checkpoint is {out}" in line, line
     ckpt = torch.load(out, weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert ckpt["iter"] <= int(line.split("iteration ")[1].split(";")[0])
+    assert ckpt["iter"] <= int(line.split("at step ")[1].split(" ")[0])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -293,6 +293,30 @@ def check_writable(flag: str, path: Path) -> None:
         raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
+def check_distinct(outputs: list[tuple[str, Path | None]], inputs: list[tuple[str, Path | None]]) -> None:
+    """UsageError when one file (however it is named) would be two of the run's outputs, or an output
+    and an input: a checkpoint written over the text, a plot over a checkpoint. outputs and inputs:
+    (what, path) pairs, None for a path not in use."""
+    seen: list[tuple[str, Path]] = []
+    for what, path in outputs:
+        if path is None:
+            continue
+        for other, other_path in seen + [(w, p) for w, p in inputs if p is not None]:
+            if _same_file(path, other_path):
+                raise UsageError(f"{what} {path} is also {other} {other_path}: it would be overwritten; give "
+                                 "each output a path of its own")
+        seen.append((what, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)  # hard links and symbolic links too
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
 # ----------------------------------------------------------------------------- where and how it runs
 
 
