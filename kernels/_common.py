@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128  # the attention kernels' largest head dim D (GPTConfig checks it without importing Triton)
 
 
 class TritonDeviceError(RuntimeError):

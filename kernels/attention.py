@@ -49,12 +49,11 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import _DOCS
-from kernels._common import (FLOAT_DTYPES, _no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
+from kernels._common import (FLOAT_DTYPES, MAX_HEAD_DIM, _no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
                              launch_meta, no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
 from kernels.dropout import attention_keep, dropout_threshold
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 128
 _TINY_SCALE = 2.0**-126  # softmax_scale 0 runs as this: every c (Q K^T)_ij still rounds to 0 in fp32
 
 
@@ -658,6 +657,8 @@ def dropout_keep_mask(seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
     device = torch.device(device)
+    if device.type not in DEVICE_TYPES:
+        raise device_error("kernels.attention.dropout_keep_mask", device)
     seed_t = seed_tensor(seed, device)
     mask = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)  # (B, H, Tq, Tk)
     grid = (batch * heads, _cdiv(seqlen_q, 32), _cdiv(seqlen_k, 32))

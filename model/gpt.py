@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels._common import MAX_HEAD_DIM
 from model.backends import BACKENDS, backend_ops
 from model.data import CharTokenizer
 
@@ -62,6 +63,9 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.backend == "triton" and self.n_embd // self.n_head > MAX_HEAD_DIM:
+            raise ValueError(f"the triton backend's attention takes head dims up to {MAX_HEAD_DIM}, got "
+                             f"n_embd // n_head = {self.n_embd // self.n_head}: use more heads, or another backend")
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (what a checkpoint stores under "config")."""
@@ -201,6 +205,8 @@ class GPT(nn.Module):
             idx = torch.tensor([tokenizer.encode("ROMEO:")])  # (B, T) = (1, 6)
             print(tokenizer.decode(model.generate(idx, 100)[0].tolist()))  # from (1, 6 + 100)
         """
+        if backend is not None and backend not in BACKENDS:  # the caller's argument, not the file's fault
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None; got {backend!r}")
         if isinstance(checkpoint, dict):
             ckpt, where = checkpoint, "the checkpoint"
             _check_keys(ckpt, where)
@@ -217,7 +223,12 @@ class GPT(nn.Module):
         except (TypeError, ValueError, RuntimeError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
             raise CheckpointError(f"{where} does not hold a model this program can build: {first}") from None
-        return model.eval(), CharTokenizer(ckpt["vocab"])
+        vocab = ckpt["vocab"]
+        if not isinstance(vocab, (str, list, tuple)) or len(vocab) != model.config.vocab_size:
+            size = len(vocab) if isinstance(vocab, (str, list, tuple)) else type(vocab).__name__
+            raise CheckpointError(f"{where} has a vocabulary of {size} characters for a model of "
+                                  f"vocab_size {model.config.vocab_size}")
+        return model.eval(), CharTokenizer(vocab)
 
     def num_parameters(self) -> int:
         """Trainable parameters; the tied embedding / LM-head weight counts once."""
@@ -273,14 +284,18 @@ class GPT(nn.Module):
         top_k is given, with `generator` (a torch.Generator on idx's device) when given. The context
         is cropped to the last block_size ids. Call it in eval mode for the trained model's samples.
         """
-        if temperature <= 0:
+        if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if top_k is not None and top_k <= 0:
             raise ValueError(f"top_k must be a positive integer, got {top_k}")
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]  # (B, <= block_size)
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float() / temperature  # (B, V)
+            logits = logits[:, -1, :].float()  # (B, V)
+            # Shifted so the largest is 0 before the division: a tiny temperature then sends the others
+            # to -inf (a greedy pick) instead of every logit to +-inf and the probabilities to NaN.
+            # softmax shifts the same way, so at temperature 1 the probabilities are bit for bit the same.
+            logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -98,12 +98,17 @@ def test_config_defaults_are_the_seeds():
         ("block_size", 0, "positive"),
         ("dropout", 1.0, r"\[0, 1\)"),
         ("backend", "jax", "backend must be one of"),
+        ({"backend": "triton", "n_embd": 258, "n_head": 2}, None, "head dims up to 128, got n_embd // n_head = 129"),
     ],
-    ids=["width-not-divisible", "zero-width", "negative-layers", "zero-block", "dropout-1", "unknown-backend"],
+    ids=["width-not-divisible", "zero-width", "negative-layers", "zero-block", "dropout-1", "unknown-backend",
+         "triton-head-dim"],
 )
 def test_config_rejects_bad_values(field, value, match):
+    fields = field if isinstance(field, dict) else {field: value}
     with pytest.raises(ValueError, match=match):
-        GPTConfig(**{**TINY, field: value})
+        GPTConfig(**{**TINY, **fields})
+    if isinstance(field, dict):  # the same shape is fine for the ops without that limit
+        GPTConfig(**{**TINY, **fields, "backend": "torch"})
 
 
 def test_forward_shapes_and_loss():
@@ -192,7 +197,31 @@ def test_generate_top_k_one_is_greedy():
         assert out[0, t] == model(out[:, :t])[0][0, -1].argmax()
 
 
-@pytest.mark.parametrize("kwargs, match", [({"temperature": 0.0}, "temperature"), ({"top_k": 0}, "top_k")])
+def test_generate_at_a_tiny_temperature_is_greedy():
+    """logits / 1e-40 overflowed to +-inf and the probabilities to NaN (multinomial raised); the
+    logits are now shifted so that the largest is 0 first, and the pick is the argmax."""
+    model = GPT(GPTConfig(**TINY)).eval()
+    _randomize(model)
+    idx = torch.zeros((1, 1), dtype=torch.long)
+    assert torch.equal(model.generate(idx, 5, temperature=1e-40), model.generate(idx, 5, top_k=1))
+
+
+def test_generate_at_temperature_one_samples_as_before():
+    """The shift leaves temperature 1 bit for bit as softmax(logits) sampled it."""
+    model = GPT(GPTConfig(**TINY)).eval()
+    _randomize(model)
+    idx = torch.zeros((1, 1), dtype=torch.long)
+    got = model.generate(idx, 12, generator=torch.Generator().manual_seed(5))  # (1, 13): within block_size
+    gen = torch.Generator().manual_seed(5)
+    want = idx
+    for _ in range(12):
+        probs = torch.softmax(model(want)[0][:, -1, :].float(), dim=-1)
+        want = torch.cat((want, torch.multinomial(probs, 1, generator=gen)), dim=1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"temperature": 0.0}, "temperature"), ({"top_k": 0}, "top_k"),
+                                           ({"temperature": float("nan")}, "temperature")])
 def test_generate_rejects_bad_sampling(kwargs, match):
     model = GPT(GPTConfig(**TINY))
     with pytest.raises(ValueError, match=match):

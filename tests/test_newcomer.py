@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, CheckpointError, GPTConfig
 from tests.test_train_cli import ROOT, assert_one_line_error
 from tests.test_train_features import SMALL, run_main, step_lines, wait_for_line
 from training.checkpoint import load_checkpoint
@@ -216,6 +216,20 @@ def test_from_checkpoint_gives_a_ready_model_and_its_vocabulary(corpus, tmp_path
     assert GPT.from_checkpoint(out, backend="reference")[0].config.backend == "reference"
     ids = model.generate(torch.tensor([tokenizer.encode("Line")]), 5)  # (1, 9)
     assert tokenizer.decode(ids[0].tolist()).startswith("Line")
+
+
+def test_from_checkpoint_errors_name_the_fault(corpus, tmp_path, capsys):
+    """A bad backend is the caller's ValueError, not the file's; a vocabulary that does not match the
+    model's vocab_size is the file's CheckpointError (decoding would fail later with an IndexError)."""
+    out = tmp_path / "m.pth"
+    train_two_steps(capsys, corpus, out)
+    with pytest.raises(ValueError, match=r"backend must be one of .*; got 'bogus'") as exc:
+        GPT.from_checkpoint(out, backend="bogus")
+    assert not isinstance(exc.value, CheckpointError)
+    ckpt = torch.load(out, weights_only=True)
+    ckpt["vocab"] = ckpt["vocab"][:-1]
+    with pytest.raises(CheckpointError, match=r"vocabulary of \d+ characters for a model of vocab_size \d+"):
+        GPT.from_checkpoint(ckpt)
 
 
 def test_train_py_samples_through_the_public_loader(corpus, tmp_path, capsys, monkeypatch):
