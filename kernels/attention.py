@@ -657,8 +657,6 @@ def dropout_keep_mask(seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
     device = torch.device(device)
-    if device.type not in DEVICE_TYPES:
-        raise device_error("kernels.attention.dropout_keep_mask", device)
     seed_t = seed_tensor(seed, device)
     mask = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)  # (B, H, Tq, Tk)
     grid = (batch * heads, _cdiv(seqlen_q, 32), _cdiv(seqlen_k, 32))

@@ -781,10 +781,7 @@ def dropout_keep_mask(seed, n_rows, n_cols, dropout_p, device):
     for name, n in (("n_rows", n_rows), ("n_cols", n_cols)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-    device = torch.device(device)
-    if device.type not in DEVICE_TYPES:
-        raise device_error("kernels.layernorm.dropout_keep_mask", device)
-    return _keep_mask(seed, 0, n_rows, n_cols, dropout_p, device)
+    return _keep_mask(seed, 0, n_rows, n_cols, dropout_p, torch.device(device))
 
 
 def _keep_mask(seed, row0, n_rows, n_cols, dropout_p, device):
