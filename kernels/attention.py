@@ -49,8 +49,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import _DOCS
-from kernels._common import (FLOAT_DTYPES, MAX_HEAD_DIM, _no_wrap, check_dropout_p, check_float_tensor, define_op, device_error,
-                             launch_meta, no_double_backward, op_wrap, seed_tensor, traced, triton_device_types)
+from kernels._common import (FLOAT_DTYPES, MAX_HEAD_DIM, _no_wrap, check_dropout_p, check_float_tensor, define_op,
+                             device_error, launch_meta, no_double_backward, op_wrap, seed_tensor, traced,
+                             triton_device_types)
 from kernels.dropout import attention_keep, dropout_threshold
 
 LOG2E = 1.4426950408889634

@@ -225,7 +225,8 @@ def test_torchrun_ranks_agree_on_a_nonfinite_loss_on_one_rank(corpus, tmp_path):
     # no traceback comes from the ranks themselves.
     assert not re.search(r'File ".*(train\.py|training/)', proc.stderr), proc.stderr[-4000:]
     stops = [ln for ln in proc.stderr.splitlines() if "loss became NaN or infinite" in ln]
-    assert len(stops) == 1 and "at step 25 (iter 26 " in stops[0] and f"last good checkpoint is {out} (step 20)" in stops[0]
+    assert len(stops) == 1 and "at step 25 (iter 26 " in stops[0], stops
+    assert f"last good checkpoint is {out} (step 20)" in stops[0]
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
