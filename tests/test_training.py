@@ -232,6 +232,59 @@ def test_torchrun_ranks_agree_on_a_nonfinite_loss_on_one_rank(corpus, tmp_path):
 # ----------------------------------------------------------------------------- CUDA graphs
 
 
+def test_a_runner_refuses_graphs_where_they_cannot_run():
+    """train.py's flags refuse these; code that builds a StepRunner itself (the benchmarks) gets the
+    same rule instead of a capture that fails on the GPU."""
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_embd=16, n_head=2, n_layer=1))
+    data = torch.randint(0, 11, (200,))
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="graphs=True needs a CUDA device"):
+        StepRunner(model, optimizer, Batches(data, data, batch_size=4, block_size=16), graphs=True)
+
+
+class _FailingCapture:
+    """torch.cuda.graph's stand-in: the capture ends in an error, as a CUDA call inside it would."""
+
+    def __init__(self, graph):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+
+@pytest.mark.parametrize("usable", [True, False], ids=["falls-back", "stops"])
+def test_a_failed_capture_runs_eagerly_or_stops_in_one_line(usable, monkeypatch, capsys):
+    """After a failed capture, the run goes on eagerly (one note) only if the device still draws random
+    numbers eagerly; a capture ended by a CUDA error leaves torch's generator in capture state (then the
+    next eager step raised "Offset increment outside graph capture", a traceback), so the run stops with
+    one line saying to run without graphs. CUDA itself is stood in for: this runs on the CPU."""
+    from training import runner
+
+    calls = []
+    stream = object()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", _FailingCapture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: calls.append(("set_stream", s)))
+    monkeypatch.setattr(runner, "_eager_draws_work", lambda device: usable)
+    graphed = runner._GraphedCall(lambda: calls.append("fn") or 7, warmup=0, what="training step",
+                                  device=torch.device("cpu"))
+    if usable:
+        assert graphed() == 7 and graphed() == 7
+        assert calls == ["fn", ("set_stream", stream), "fn", "fn"]  # captured, the stream put back, eager
+        err = capsys.readouterr().err
+        assert "capture of the training step failed (CUDA error: operation not permitted" in err
+        assert "running it eagerly" in err and "more detail" not in err
+    else:
+        with pytest.raises(runner.TrainingStopped, match=r"capture of the training step failed \(CUDA error: "
+                           r"operation not permitted when stream is capturing\) and left .* --no-cuda-graphs$"):
+            graphed()
+        assert calls == ["fn", ("set_stream", stream)]
+
+
 @requires_cuda
 def test_dropout_masks_are_fresh_on_every_graph_replay():
     """One fixed batch and lr 0 (the weights never change): two replays differ only by their dropout

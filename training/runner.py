@@ -29,7 +29,8 @@ NO_BAD_STEP = 2**62  # "no non-finite loss yet", as the cross-rank minimum sees 
 
 
 class TrainingStopped(Exception):
-    """The run cannot go on (a non-finite loss); printed as one line, exit status 1."""
+    """The run cannot go on (a non-finite loss, a failed CUDA graph capture that left the device
+    unusable); printed as one line, exit status 1."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ class StepRunner:
                  start_step: int = 0):
         self.model, self.optimizer, self.batches, self.ranks = model, optimizer, batches, ranks
         self.device = batches.train.device
+        if graphs:  # what train.py's flags already refuse, refused here too for code that builds a runner
+            why = ("a CUDA device" if self.device.type != "cuda" else "one process" if ranks.world_size > 1
+                   else "no float16 (GradScaler reads the device)" if precision.dtype == torch.float16
+                   else "no compile_mode (torch.compile captures its own)" if compile_mode is not None else None)
+            if why is not None:
+                raise ValueError(f"graphs=True needs {why}")
         self.micro_batch = batches.batch_size // ranks.world_size // batches.grad_accum
         train_model = model
         if ranks.world_size > 1:
@@ -211,7 +218,11 @@ class _GraphedCall:
 
     The first `warmup` calls run fn eagerly on a side stream, as capture wants (PyTorch's CUDA graphs
     notes); the next call captures fn and replays it, and so does every call after. If the capture
-    fails, that call and all later ones run fn eagerly, after one note saying why.
+    fails, that call and all later ones run fn eagerly, after one note saying why, unless the failure
+    left the device unusable: a CUDA error inside the capture makes torch's capture_end raise before
+    it restores the stream and the generator (torch/cuda/graphs.py, CUDAGraph.cpp), and the next eager
+    random draw then fails ("Offset increment outside graph capture"). That stops the run with
+    TrainingStopped, saying to run without graphs.
     """
 
     def __init__(self, fn, warmup: int, what: str, device: torch.device):
@@ -234,19 +245,35 @@ class _GraphedCall:
                 out = self.fn()
             torch.cuda.current_stream(self.device).wait_stream(side)
             return out
+        stream = torch.cuda.current_stream(self.device)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = self.fn()
         except Exception as e:  # capture is all or nothing: run eagerly from now on
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            torch.cuda.set_stream(stream)  # a capture ended by a CUDA error leaves its own stream current
+            if not _eager_draws_work(self.device):
+                raise TrainingStopped(f"CUDA graph capture of the {self.what} failed ({first}) and left the "
+                                      "device's random generator unusable; run again with --no-cuda-graphs") from None
             note(f"CUDA graph capture of the {self.what} failed ({first}); running it eagerly")
-            torch.cuda.synchronize(self.device)
             self.failed = True
             return self.fn()
         self.graph, self.out = graph, out
         graph.replay()
         return out
+
+
+def _eager_draws_work(device: torch.device) -> bool:
+    """Whether the device still runs eager work and random draws from its default generator (what
+    the step and the batches use) after a failed capture."""
+    try:
+        torch.cuda.synchronize(device)
+        torch.empty(1, device=device).uniform_()
+        torch.cuda.synchronize(device)
+        return True
+    except RuntimeError:
+        return False
 
 
 def time_steps(model, batches: Batches, precision: Precision = Precision(), steps: int = 1,
