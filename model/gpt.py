@@ -269,11 +269,15 @@ class GPT(nn.Module):
         device, instead of a draw inside every op (one launch and one small allocation each). Drawn in
         the forward, so a captured CUDA graph draws fresh seeds, hence fresh masks, on every replay.
         Otherwise Nones: the other backends draw from torch's generator inside each op, and eval mode
-        draws nothing.
+        draws nothing. The draw is (n, 2) and the seeds its first column, so every seed starts on a
+        16-byte boundary as a fresh tensor does: Triton specializes a pointer argument on that
+        alignment, and seeds 8 bytes apart would compile each dropout kernel twice (and the LayerNorm
+        backward's grid, sized from a kernel compiled for aligned stand-ins, would come from the other one).
         """
         n = 3 * self.config.n_layer + 1
         if self.ops.draws_seeds and self.training and self.config.dropout > 0.0:
-            return torch.randint(0, 2**63 - 1, (n,), device=device, dtype=torch.int64).split(1)  # n x (1,)
+            draw = torch.randint(0, 2**63 - 1, (n, 2), device=device, dtype=torch.int64)  # (n, 2)
+            return draw[:, 0].split(1)  # n x (1,), 16 bytes apart
         return (None,) * n
 
     @torch.no_grad()
