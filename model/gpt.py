@@ -223,11 +223,11 @@ class GPT(nn.Module):
         except (TypeError, ValueError, RuntimeError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
             raise CheckpointError(f"{where} does not hold a model this program can build: {first}") from None
-        vocab = ckpt["vocab"]
-        if not isinstance(vocab, (str, list, tuple)) or len(vocab) != model.config.vocab_size:
-            size = len(vocab) if isinstance(vocab, (str, list, tuple)) else type(vocab).__name__
-            raise CheckpointError(f"{where} has a vocabulary of {size} characters for a model of "
-                                  f"vocab_size {model.config.vocab_size}")
+        vocab = ckpt["vocab"]  # the characters, as train.py saves them
+        if not isinstance(vocab, str) or len(vocab) != model.config.vocab_size:
+            size = f"{len(vocab)} characters" if isinstance(vocab, str) else f"a {type(vocab).__name__}"
+            raise CheckpointError(f"{where} has a vocabulary of {size} for a model of vocab_size "
+                                  f"{model.config.vocab_size}")
         return model.eval(), CharTokenizer(vocab)
 
     def num_parameters(self) -> int:

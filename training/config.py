@@ -377,10 +377,12 @@ def _check_triton(on_gpu: bool, dtype, head_dim) -> None:
             raise UsageError("--backend triton on the CPU needs Triton's interpreter, which this process can "
                              "no longer switch on (triton is already imported); use --device cuda")
     try:
-        from kernels.attention import MAX_HEAD_DIM
+        import kernels.attention  # noqa: F401  (imports triton: the check that it is installed)
     except ImportError:
         raise UsageError("--backend triton needs the triton package (Linux only); use --backend torch or "
                          "reference") from None
+    from kernels._common import MAX_HEAD_DIM
+
     if head_dim is not None and head_dim > MAX_HEAD_DIM:
         raise UsageError(f"--backend triton supports head dims up to {MAX_HEAD_DIM}; --n-embd / --n-head = "
                          f"{head_dim}: use more heads, or --backend torch or reference")
